@@ -1,0 +1,250 @@
+"""Config: frozen, typed dataclasses for every part of vitune, presets, YAML and CLI overrides.
+
+    Config
+    ├── model: ModelConfig (vision, connector, lm, tokenizer, chat template)
+    └── train: TrainConfig (stages as data, optimiser, precision, seeding, logging)
+
+Configs are immutable: derive a changed one with `dataclasses.replace` or `apply_overrides`.
+`from_dict` checks every key and value against the field's type, so a typo or a bad value fails
+with the dotted name of the field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Part = Literal["vision", "connector", "lm"]
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the dotted field."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    kind: Literal["vit", "cnn"] = "vit"
+    image_size: int = 96
+    patch_size: int = 16          # vit: patch side; cnn: total stride of the conv stack
+    width: int = 128              # D_v
+    layers: int = 2
+    heads: int = 4
+    mlp_dim: int = 512
+    class_token: bool = True      # CLIP has one; it is dropped from the features
+    pre_norm: bool = True         # CLIP's pre_layrnorm (SigLIP has none)
+    feature_layer: int = -1       # which block's output feeds the connector (-1: last)
+    norm_eps: float = 1e-5
+    act: Literal["quick_gelu", "gelu", "gelu_tanh"] = "gelu"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: Literal["pad", "squash"] = "pad"   # pad: to a square of the mean colour, then resize
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    kind: Literal["mlp"] = "mlp"
+    reduce: Literal["none", "pool2x2", "pixel_shuffle2x2"] = "none"
+    hidden_dim: int = 0           # 0: the LM's width
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    vocab_size: int = 512
+    dim: int = 256                # D_lm
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    ffn_dim: int = 768
+    head_dim: int = 0             # 0: dim // heads
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    qkv_bias: bool = False        # Qwen2 has q/k/v biases
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: Literal["byte", "bpe"] = "bpe"   # byte: 256 byte tokens; bpe: trained on the training data
+    vocab_size: int = 512                  # bpe target size (byte-level base + merges + specials)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    chat_template: Literal["plain", "chatml"] = "chatml"
+    system_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str = "instruct"
+    data: str = ""                          # LLaVA JSON/JSONL; "" = given on the command line
+    template: Literal["plain", "chatml"] = "chatml"
+    train: tuple[Part, ...] = ("connector", "lm")
+    epochs: float = 1.0                     # used when steps == 0
+    steps: int = 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr_vision: float = 1e-4
+    lr_connector: float = 1e-3
+    lr_lm: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    seed: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = 0                        # 0: torch's default
+    log_every: int = 10
+    save_every: int = 0                     # 0: save the training state at stage ends only
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- dict / YAML conversion
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        return _coerce(next(a for a in typing.get_args(tp) if a is not type(None)), value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> Config:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    return validate(from_dict(Config, data, str(path)))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- dotted overrides
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b.c=value` overrides (values parsed as YAML); `stages.0.steps` indexes a tuple."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        node, parts = data, key.split(".")
+        for p in parts[:-1]:
+            node = _step(node, p, key)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key)] = yaml.safe_load(raw)
+        elif isinstance(node, dict) and last in node:
+            node[last] = yaml.safe_load(raw)
+        else:
+            raise ConfigError(f"override {key!r}: unknown field {last!r}; valid: {sorted(node) if isinstance(node, dict) else 'an index'}")
+    return validate(from_dict(Config, data))
+
+
+def _index(node: list, p: str, key: str) -> int:
+    if not p.isdigit() or int(p) >= len(node):
+        raise ConfigError(f"override {key!r}: {p!r} is not an index below {len(node)}")
+    return int(p)
+
+
+def _step(node: Any, p: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, p, key)]
+    if not isinstance(node, dict) or p not in node:
+        raise ConfigError(f"override {key!r}: unknown field {p!r}")
+    return node[p]
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> Config:
+    v, lm = cfg.model.vision, cfg.model.lm
+    checks = [
+        (v.image_size % v.patch_size == 0, "model.vision.image_size must be a multiple of patch_size"),
+        (v.width % v.heads == 0, "model.vision.width must be divisible by heads"),
+        (lm.heads % lm.kv_heads == 0, "model.lm.heads must be a multiple of kv_heads"),
+        (lm.head_dim > 0 or lm.dim % lm.heads == 0, "model.lm.dim must be divisible by heads"),
+        (lm.max_seq_len > 0, "model.lm.max_seq_len must be positive"),
+        (len(cfg.train.stages) > 0, "train.stages must not be empty"),
+    ]
+    if cfg.model.connector.reduce != "none":
+        g = v.image_size // v.patch_size
+        checks.append((g % 2 == 0, f"model.connector.reduce={cfg.model.connector.reduce} needs an even grid, got {g}x{g}"))
+    for i, s in enumerate(cfg.train.stages):
+        checks += [
+            (s.batch_size > 0 and s.grad_accum > 0, f"train.stages.{i}: batch_size and grad_accum must be positive"),
+            (s.steps > 0 or s.epochs > 0, f"train.stages.{i}: set steps or epochs"),
+            (len(s.train) > 0, f"train.stages.{i}.train: name at least one part to train"),
+        ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg

@@ -1,0 +1,118 @@
+"""Training sets: LLaVA files -> validated, tokenized rows plus a bank of decoded images, and a
+deterministic batch order.
+
+The bad-record policy lives here: `error` stops at the first bad record with its id and the
+problem; `skip` logs each skipped record and reports the count. Nothing is dropped silently.
+`micro_batch(k)` is a pure function of (seed, k), which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from ..chat import Message
+from ..files import DataError, read_json_records
+from ..processor import Batch, ImageTransform, collate, encode_conversation, load_image
+from ..tokenizer import IMAGE_TOKEN, Tokenizer
+from .llava import Conversation, parse_record
+
+Policy = Literal["error", "skip"]
+Log = Callable[[str], None]
+
+
+@dataclass
+class BadRecords:
+    policy: Policy
+    log: Log
+    skipped: int = 0
+
+    def handle(self, err: DataError) -> None:
+        if self.policy == "error":
+            raise err
+        self.skipped += 1
+        self.log(f"skipped bad record: {err}")
+
+
+def load_conversations(path: str | Path, image_root: str | Path | None, bad: BadRecords) -> list[Conversation]:
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    out = []
+    for i, rec in enumerate(read_json_records(path)):
+        try:
+            out.append(parse_record(rec, i, str(path), root))
+        except DataError as e:
+            bad.handle(e)
+    return out
+
+
+def conversation_texts(convs: list[Conversation]) -> list[str]:
+    """All message texts with image tags removed: the corpus a from-scratch tokenizer learns."""
+    return [m.text.replace(IMAGE_TOKEN, " ") for c in convs for m in c.messages]
+
+
+@dataclass
+class TrainSet:
+    rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    images: list[list[int]] = field(default_factory=list)   # per row: indices into `bank`
+    ids: list[str] = field(default_factory=list)
+    bank: torch.Tensor | None = None                          # (n_unique, 3, S, S) uint8
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def encode_trainset(
+    convs: list[Conversation], tok: Tokenizer, template: str, transform: ImageTransform,
+    n_image_tokens: int, max_len: int, bad: BadRecords, system_prompt: str = "",
+) -> TrainSet:
+    ts, slots, decoded = TrainSet(), {}, []
+    for conv in convs:
+        where = f"record {conv.id!r}"
+        try:
+            ids, labels = encode_conversation(tok, list(conv.messages), template, n_image_tokens, max_len, where, system_prompt)
+            idx = [_bank_slot(p, where, slots, decoded, transform) for p in conv.images]
+        except DataError as e:
+            bad.handle(e)
+            continue
+        ts.rows.append((ids, labels))
+        ts.images.append(idx)
+        ts.ids.append(conv.id)
+    S = transform.size
+    ts.bank = torch.stack(decoded) if decoded else torch.zeros(0, 3, S, S, dtype=torch.uint8)
+    if not ts.rows:
+        raise DataError("no usable records in the training data")
+    return ts
+
+
+def _bank_slot(path: Path, where: str, slots: dict, decoded: list, transform: ImageTransform) -> int:
+    if path not in slots:
+        decoded.append(transform.to_uint8(load_image(path, where)))
+        slots[path] = len(decoded) - 1
+    return slots[path]
+
+
+
+class BatchOrder:
+    """Micro-batch k of a seeded, per-epoch shuffle; a pure function of (seed, k)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = max(1, n // self.bs)
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1][j * self.bs:(j + 1) * self.bs].tolist()
+
+
+def make_batch(ts: TrainSet, rows: list[int], transform: ImageTransform, pad_id: int) -> Batch:
+    img_idx = [i for r in rows for i in ts.images[r]]
+    assert ts.bank is not None
+    return collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id)

@@ -1,0 +1,69 @@
+"""Inference: a loaded model answering questions about images, one at a time (streaming) or in
+batches. Shared by `vitune chat`, `vitune predict` and `vitune eval --model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .chat import Message, render, stop_token_id
+from .generate import GenerationConfig, generate
+from .model import VLM
+from .processor import ImageTransform
+from .tokenizer import IMAGE_TOKEN, Tokenizer
+from .weights import load_pretrained
+
+
+@dataclass
+class Request:
+    images: list[Image.Image]
+    messages: list[Message]
+
+
+def user_turn(question: str, n_images: int) -> Message:
+    """A first user turn: image tags in front unless the question places them itself."""
+    if n_images and IMAGE_TOKEN not in question:
+        question = "\n".join([IMAGE_TOKEN] * n_images + [question])
+    return Message("user", question)
+
+
+class Assistant:
+    def __init__(self, model: VLM, tok: Tokenizer):
+        self.model, self.tok = model, tok
+        self.template = model.cfg.chat_template
+        self.transform = ImageTransform.for_vision(model.cfg.vision)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "Assistant":
+        return cls(*load_pretrained(path, device, dtype))
+
+    def prompt_ids(self, req: Request, max_new_tokens: int) -> list[int]:
+        r = render(self.tok, req.messages, self.template, self.model.n_image_tokens,
+                   add_generation_prompt=True, system_prompt=self.model.cfg.system_prompt)
+        n_tags = sum(m.text.count(IMAGE_TOKEN) for m in req.messages)
+        if n_tags != len(req.images):
+            raise ValueError(f"{n_tags} {IMAGE_TOKEN} tag(s) in the messages but {len(req.images)} image(s)")
+        limit = self.model.cfg.lm.max_seq_len - max_new_tokens
+        if len(r.input_ids) > limit:
+            raise ValueError(f"prompt of {len(r.input_ids)} tokens + {max_new_tokens} new tokens exceeds "
+                             f"max_seq_len={self.model.cfg.lm.max_seq_len}")
+        return r.input_ids
+
+    def answer_batch(self, reqs: list[Request], gen: GenerationConfig,
+                     on_text: Callable[[str], None] | None = None) -> list[str]:
+        prompts = [self.prompt_ids(r, gen.max_new_tokens) for r in reqs]
+        images = [im for r in reqs for im in r.images]
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        pixels = self.transform(images).to(device=device, dtype=dtype) if images else None
+        stops = {stop_token_id(self.tok, self.template), self.tok.special.eos}
+        out = generate(self.model, prompts, pixels, gen, stops, self.tok.decode, self.tok.special.eos, on_text)
+        return [t.strip() for t in out.texts]
+
+    def answer(self, req: Request, gen: GenerationConfig, on_text: Callable[[str], None] | None = None) -> str:
+        return self.answer_batch([req], gen, on_text)[0]
