@@ -27,7 +27,7 @@ PATTERNS = {
     "shape": r"What shape is the (?P<color>\w+) object at the (?P<pos>[a-z ]+)\?",
     "size": r"What size is the (?P<color>\w+) (?P<shape>\w+)\?",
     "position": r"Where is the (?P<color>\w+) (?P<shape>\w+)\?",
-    "existence": r"Is there a (?P<color>\w+) (?P<shape>\w+)\?",
+    "existence": r"Is there an? (?P<color>\w+) (?P<shape>\w+)\?",
     "count": r"How many (?:objects|(?P<color>\w+) objects|(?P<shape>\w+)s) are there\?",
     "spatial": r"Is the (?P<color>\w+) (?P<shape>\w+) (?P<rel>left of|right of|above|below) "
                r"the (?P<color2>\w+) (?P<shape2>\w+)\?",
