@@ -126,3 +126,18 @@ def test_connector_config_reduces_image_tokens(tok):
     cfg = dataclasses.replace(cfg, connector=ConnectorConfig(reduce="pixel_shuffle2x2"))
     m = VLM(cfg, tok.special.image)
     assert m.n_image_tokens == 4 and m.encode_images(torch.randn(1, 3, 32, 32)).shape == (1, 4, cfg.lm.dim)
+
+
+def test_lm_with_cache_and_no_mask_is_causal_with_offset(model):
+    """Prefill then one-token steps through a cache, with mask=None, equal a single full pass."""
+    from vitune.lm import KVCache
+    lm = model.lm
+    torch.manual_seed(4)
+    x = torch.randn(1, 7, lm.cfg.dim)
+    pos = torch.arange(7)[None]
+    with torch.no_grad():
+        full = lm(x, pos)
+        cache = KVCache.empty(lm.cfg, 1, 7, x.dtype, x.device)
+        parts = [lm(x[:, :4], pos[:, :4], cache=cache), lm(x[:, 4:6], pos[:, 4:6], cache=cache),
+                 lm(x[:, 6:], pos[:, 6:], cache=cache)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)

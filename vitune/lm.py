@@ -84,6 +84,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd)
+        if mask is None and k.shape[2] != T:  # queries follow cached keys: causal with an offset
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
         # fp32 attention: bf16 SDPA is slower than fp32 on CPU (PERFORMANCE.md) and less exact.
         y = F.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
