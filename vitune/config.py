@@ -44,6 +44,9 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize: Literal["pad", "squash"] = "pad"   # pad: to a square of the mean colour, then resize
+    # True: training measures image_mean/std on its own images (saved with the model). For towers
+    # trained from scratch on images that are mostly background, this is what lets them learn fast.
+    stats_from_data: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def tiny() -> Config:
 
 def small() -> Config:
     model = ModelConfig(
-        vision=VisionConfig(kind="vit", image_size=96, patch_size=16, width=128, layers=2, heads=4, mlp_dim=384),
+        vision=VisionConfig(kind="vit", image_size=96, patch_size=16, width=128, layers=2, heads=4, mlp_dim=384,
+                            stats_from_data=True),
         connector=ConnectorConfig(reduce="pool2x2"),
         lm=LMConfig(dim=192, layers=4, heads=6, kv_heads=2, ffn_dim=512, max_seq_len=160),
         tokenizer=TokenizerConfig(kind="bpe", vocab_size=512),
@@ -45,7 +46,7 @@ def small() -> Config:
         StageConfig(name="align", template="plain", train=ALL_PARTS, epochs=2, batch_size=32, warmup_steps=30, **lr),
         StageConfig(name="instruct", template="chatml", train=ALL_PARTS, epochs=3, batch_size=32, warmup_steps=30, **lr),
     )
-    return validate(Config(model, TrainConfig(stages=stages, log_every=20)))
+    return validate(Config(model, TrainConfig(stages=stages, precision="bf16", log_every=20)))
 
 
 PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "small": small}

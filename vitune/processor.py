@@ -70,6 +70,17 @@ class ImageTransform:
         return self.normalize(torch.stack([self.to_uint8(im) for im in images]))
 
 
+def measure_stats(paths: list[Path], size: int, limit: int = 512) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) over the first `limit` distinct images."""
+    unique = list(dict.fromkeys(paths))[:limit]
+    if not unique:
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    raw = ImageTransform(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "squash")
+    pixels = torch.stack([raw.to_uint8(load_image(p)) for p in unique]).float() / 255.0  # (n, 3, S, S)
+    mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
 def fit_to_length(
     ids: list[int], labels: list[int], max_len: int, image_id: int, where: str
 ) -> tuple[list[int], list[int]]:

@@ -28,7 +28,7 @@ from .data.dataset import BadRecords, BatchOrder, TrainSet, conversation_texts, 
 from .files import atomic_write_text
 from .metrics_log import MetricsLog
 from .model import VLM
-from .processor import ImageTransform
+from .processor import ImageTransform, measure_stats
 from .tokenizer import Tokenizer, byte_level, train_bpe
 from .weights import save_pretrained
 
@@ -139,6 +139,17 @@ def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log:
     return Prepared(convs, bad)
 
 
+def with_image_stats(cfg: Config, prep: Prepared, log: Log) -> Config:
+    """Fill image_mean/std from the training images when the vision config asks for it."""
+    v = cfg.model.vision
+    if not v.stats_from_data:
+        return cfg
+    paths = [p for convs in prep.convs for c in convs for p in c.images]
+    mean, std = measure_stats(paths, v.image_size)
+    log(f"image statistics from the training data: mean {mean}, std {std}")
+    return replace(cfg, model=replace(cfg.model, vision=replace(v, image_mean=mean, image_std=std)))
+
+
 def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = False,
           image_root: str | None = None, stop_after: int | None = None, log: Log = print,
           progress: bool = True) -> Path:
@@ -150,6 +161,7 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
     device = pick_device(tc.device)
     seed_everything(tc.seed)
     prep = prepare_data(cfg, data, image_root, log)
+    cfg = with_image_stats(cfg, prep, log)
     state_dir = out / "state"
     if resume and not (state_dir / "trainer.json").is_file():
         raise FileNotFoundError(f"--resume: no training state in {state_dir}")

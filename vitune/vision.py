@@ -30,6 +30,20 @@ class _QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """`(grid*grid, dim)` fixed 2-D sine-cosine position codes (row-major), values in [-1, 1].
+
+    Used to initialise learned position embeddings: a from-scratch tower then knows where each
+    patch is from step 0, which is what grounding a word like "left" needs.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)  # (grid*grid, dim)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -76,7 +90,9 @@ class ViT(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=not cfg.class_token)
         self.class_embedding = nn.Parameter(torch.randn(cfg.width) * 0.02) if cfg.class_token else None
         self.position_embedding = nn.Embedding(n_pos, cfg.width)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.position_embedding.weight.normal_(std=0.02)
+            self.position_embedding.weight[n_pos - self.grid**2:] += sincos_2d(self.grid, cfg.width)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
 
@@ -112,7 +128,7 @@ class CNN(nn.Module):
         layers.append(nn.Conv2d(chans[-1], cfg.width, 1))
         self.net = nn.Sequential(*layers)
         self.grid = cfg.image_size // cfg.patch_size
-        self.position_embedding = nn.Parameter(torch.randn(self.grid**2, cfg.width) * 0.02)
+        self.position_embedding = nn.Parameter(sincos_2d(self.grid, cfg.width))
 
     @property
     def num_tokens(self) -> int:
