@@ -1,6 +1,4 @@
-"""Training: exact resume, stage plans, saved folders that load, and the tiny preset's speed."""
-
-import time
+"""Training: exact resume, stage plans, learning-rate schedule, saved folders that load, config errors."""
 
 import pytest
 import torch
@@ -56,14 +54,6 @@ def test_lr_schedule_warms_up_then_decays():
     f = [lr_factor(s, 10, stage) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == pytest.approx(1.0)
     assert all(x >= y for x, y in zip(f[2:], f[3:])) and f[-1] > 0.1
-
-
-def test_tiny_training_step_is_fast(shapes_dir, tmp_path):
-    cfg = apply_overrides(tiny(), ["train.stages.0.steps=6", "train.stages.1.steps=1"])
-    t = time.perf_counter()
-    train(cfg, data(shapes_dir), tmp_path, progress=False, log=lambda s: None)
-    # generous bound (shared CI machines); typical is ~0.05 s a step
-    assert (time.perf_counter() - t) < 20
 
 
 def test_bad_overrides_name_the_field():

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-Part = Literal["vision", "connector", "lm"]
+Part = Literal["vision", "connector", "lm", "lora"]
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    kind: Literal["vit", "cnn"] = "vit"
+    kind: Literal["vit", "cnn", "efficientnet_lite0"] = "vit"
+    # Weights to start from (see pretrained.py): "" = random init; "package:efficientnet-lite0"
+    # (ImageNet, from the pip package); or a local HF CLIP/SigLIP folder (then the tower's shape
+    # fields come from that checkpoint). The resolved config and the weights are saved with the model.
+    pretrained: str = ""
     image_size: int = 96
     patch_size: int = 16          # vit: patch side; cnn: total stride of the conv stack
     width: int = 128              # D_v
@@ -73,6 +77,16 @@ class LMConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the LM's linear layers (lora.py); rank 0 = none."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
 class TokenizerConfig:
     kind: Literal["byte", "bpe"] = "bpe"   # byte: 256 byte tokens; bpe: trained on the training data
     vocab_size: int = 512                  # bpe target size (byte-level base + merges + specials)
@@ -86,6 +100,11 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chat_template: Literal["plain", "chatml"] = "chatml"
     system_prompt: str = ""
+    # Pretrained LM to start from (pretrained.py): "" = random init; "smollm2-135m-instruct" (the
+    # packaged GGUF, converted once and cached) or a local HF Llama/Qwen2 folder. Its config (all of
+    # `lm` but max_seq_len, which is capped by it) and its tokenizer replace `lm` and `tokenizer`.
+    lm_pretrained: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass(frozen=True)
@@ -101,8 +120,13 @@ class StageConfig:
     lr_vision: float = 1e-4
     lr_connector: float = 1e-3
     lr_lm: float = 1e-4
+    lr_lora: float = 2e-4
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
+    # Extra LLaVA files mixed into this stage (e.g. text-only chats that keep the LM's language
+    # ability), cycled until they make up `mix_fraction` of the stage's records (0: each once).
+    mix_data: tuple[str, ...] = ()
+    mix_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +141,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0                     # 0: save the training state at stage ends only
     on_bad_record: Literal["error", "skip"] = "error"
+    group_by_length: bool = True            # batch rows of similar length: less padding
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,7 @@ def validate(cfg: Config) -> Config:
         (lm.head_dim > 0 or lm.dim % lm.heads == 0, "model.lm.dim must be divisible by heads"),
         (lm.max_seq_len > 0, "model.lm.max_seq_len must be positive"),
         (len(cfg.train.stages) > 0, "train.stages must not be empty"),
+        (cfg.model.lora.rank >= 0 and len(cfg.model.lora.targets) > 0, "model.lora: rank >= 0 and at least one target"),
     ]
     if cfg.model.connector.reduce != "none":
         g = v.image_size // v.patch_size
@@ -246,6 +272,9 @@ def validate(cfg: Config) -> Config:
             (s.batch_size > 0 and s.grad_accum > 0, f"train.stages.{i}: batch_size and grad_accum must be positive"),
             (s.steps > 0 or s.epochs > 0, f"train.stages.{i}: set steps or epochs"),
             (len(s.train) > 0, f"train.stages.{i}.train: name at least one part to train"),
+            ("lora" not in s.train or cfg.model.lora.rank > 0,
+             f"train.stages.{i}.train names 'lora' but model.lora.rank is 0 (no adapters)"),
+            (0.0 <= s.mix_fraction < 1.0, f"train.stages.{i}.mix_fraction must be in [0, 1)"),
         ]
     for ok, msg in checks:
         if not ok:

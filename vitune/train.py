@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 from .checkpoint import Position, load_state, read_position, save_state
 from .config import Config, StageConfig, TrainConfig, dump_yaml
-from .data.dataset import BadRecords, BatchOrder, TrainSet, conversation_texts, encode_trainset, load_conversations, make_batch
+from .data.dataset import (BadRecords, BatchOrder, TrainSet, conversation_texts, encode_trainset, load_conversations,
+                           make_batch, mix_in)
 from .files import atomic_write_text
 from .metrics_log import MetricsLog
 from .model import VLM
+from .pretrained import build_vlm, pretrained_tokenizer
 from .processor import ImageTransform, measure_stats
 from .tokenizer import Tokenizer, byte_level, train_bpe
 from .weights import save_pretrained
@@ -49,12 +51,18 @@ def seed_everything(seed: int) -> None:
 
 def build_tokenizer(cfg: Config, texts: list[str]) -> Tokenizer:
     tk = cfg.model.tokenizer
-    return byte_level() if tk.kind == "byte" else train_bpe(texts, tk.vocab_size)
+    if cfg.model.lm_pretrained:  # the pretrained LM's own tokenizer, `<image>` added
+        return pretrained_tokenizer(cfg.model)
+    if tk.kind == "byte":
+        return byte_level()
+    # the chat templates' own words (role names) are part of every rendered sample
+    return train_bpe(texts + ["system\n", "user\n", "assistant\n"] * 100, tk.vocab_size)
 
 
 def build_model(cfg: Config, tok: Tokenizer) -> VLM:
-    lm = replace(cfg.model.lm, vocab_size=tok.vocab_size)
-    return VLM(replace(cfg.model, lm=lm), tok.special.image)
+    # A pretrained LM keeps its table: the added `<image>` id lies past it (LM.embed clamps it).
+    m = cfg.model if cfg.model.lm_pretrained else replace(cfg.model, lm=replace(cfg.model.lm, vocab_size=tok.vocab_size))
+    return build_vlm(m, tok.special.image)  # pretrained parts: config and weights from their checkpoints
 
 
 def stage_steps(stage: StageConfig, n_rows: int) -> int:
@@ -73,7 +81,8 @@ def lr_factor(step: int, total: int, stage: StageConfig) -> float:
 
 
 def build_optimizer(model: VLM, stage: StageConfig, tc: TrainConfig) -> torch.optim.AdamW:
-    groups, lrs = model.param_groups(), {"vision": stage.lr_vision, "connector": stage.lr_connector, "lm": stage.lr_lm}
+    groups = model.param_groups()
+    lrs = {"vision": stage.lr_vision, "connector": stage.lr_connector, "lm": stage.lr_lm, "lora": stage.lr_lora}
     for part, params in groups.items():
         for p in params:
             p.requires_grad_(part in stage.train)
@@ -135,7 +144,8 @@ def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log:
         path = data.get(s.name) or s.data
         if not path:
             raise ValueError(f"stage {s.name!r} has no data: pass --data {s.name}=FILE or set train.stages.N.data")
-        convs.append(load_conversations(path, image_root, bad))
+        extra = [c for p in s.mix_data for c in load_conversations(p, None, bad)]
+        convs.append(mix_in(load_conversations(path, image_root, bad), extra, s.mix_fraction))
     return Prepared(convs, bad)
 
 
@@ -177,7 +187,8 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
             continue
         ts = encode_trainset(prep.convs[si], tok, stage.template, transform, model.n_image_tokens,
                              cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt)
-        run = StageRun(si, stage, ts, BatchOrder(len(ts), stage.batch_size, tc.seed + si),
+        order = BatchOrder([len(r[0]) for r in ts.rows], stage.batch_size, tc.seed + si, tc.group_by_length)
+        run = StageRun(si, stage, ts, order,
                        build_optimizer(model, stage, tc), stage_steps(stage, len(ts)))
         start = pos.step if si == pos.stage else 0
         if start >= run.total:
