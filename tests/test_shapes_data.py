@@ -89,8 +89,10 @@ def test_scene_invariants():
 def test_caption_format():
     scene = Scene((SceneObject("red", "circle", "small", 0, 16, 16), SceneObject("blue", "square", "large", 4, 48, 48),
                    SceneObject("green", "triangle", "small", 8, 80, 80)), 96)
-    assert caption(scene) == ("3 objects: a small red circle at the top left, a large blue square at the center, "
-                              "a small green triangle at the bottom right.")
+    assert caption(scene) == ("top left: small red circle; top: empty; top right: empty; left: empty; "
+                              "center: large blue square; right: empty; bottom left: empty; bottom: empty; "
+                              "bottom right: small green triangle.")
+    assert caption(scene, [4, 0, 1, 2, 3, 5, 6, 7, 8]).startswith("center: large blue square; top left: small red circle; top: empty")
 
 
 def test_render_matches_scene():

@@ -4,7 +4,6 @@ trained tokens highlighted and the masked ones dim, so masking bugs are visible 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from .chat import IGNORE_INDEX, format_masked
 from .data.dataset import BadRecords, conversation_texts, load_conversations

@@ -14,7 +14,6 @@ from typing import Callable, Literal
 
 import torch
 
-from ..chat import Message
 from ..files import DataError, read_json_records
 from ..processor import Batch, ImageTransform, collate, encode_conversation, load_image
 from ..tokenizer import IMAGE_TOKEN, Tokenizer

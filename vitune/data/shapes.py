@@ -53,6 +53,10 @@ def _fresh_qa(scene: Scene, category: Category, rng: np.random.Generator, seen: 
     return None
 
 
+def _cell_order(rng: np.random.Generator) -> list[int]:
+    return [int(c) for c in rng.permutation(len(POSITIONS))]
+
+
 def make_conversation(scene: Scene, rng: np.random.Generator, seen: set[str]) -> list[tuple[str, str]]:
     """4-6 QA turns of distinct categories; a quarter of the time also 'Describe the image.'"""
     k = int(rng.integers(4, 7))
@@ -60,7 +64,7 @@ def make_conversation(scene: Scene, rng: np.random.Generator, seen: set[str]) ->
     turns = [qa[:2] for c in cats if (qa := _fresh_qa(scene, c, rng, seen)) is not None]
     if rng.random() < 0.25:
         seen.add(DESCRIBE)
-        turns.insert(int(rng.integers(len(turns) + 1)), (DESCRIBE, caption(scene)))
+        turns.insert(int(rng.integers(len(turns) + 1)), (DESCRIBE, caption(scene, _cell_order(rng))))
     return turns
 
 
@@ -83,7 +87,7 @@ def _llava_record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
 def _train_records(scene: Scene, name: str, image: str, rng: np.random.Generator) -> tuple[dict, list[dict]]:
     """The caption record and the instruction records (one chat, sometimes one single-turn)."""
     align = {"id": f"shapes-{name}-caption", "image": image,
-             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]}
+             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, _cell_order(rng))}]}
     seen: set[str] = set()
     instruct = [_llava_record(f"shapes-{name}-chat", image, make_conversation(scene, rng, seen))]
     if rng.random() < 0.3:

@@ -114,9 +114,16 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def caption(scene: Scene) -> str:
-    parts = [f"a {o.size} {o.color} {o.shape} at the {o.position}" for o in scene.objects]
-    return f"{len(parts)} objects: " + ", ".join(parts) + "."
+def caption(scene: Scene, order: list[int] | None = None) -> str:
+    """A grounded caption naming every cell of the 3x3 layout, e.g. "center: large blue square;
+    top left: empty; ...". `order` (a permutation of the 9 cells; default: raster order) lets the
+    generator shuffle it: read in a random order, the caption cannot be written without looking
+    up each named cell in the image, which is the skill the questions need."""
+    by_cell = {o.cell: o for o in scene.objects}
+    cells = order if order is not None else list(range(len(POSITIONS)))
+    parts = [f"{POSITIONS[c]}: " + (f"{by_cell[c].size} {by_cell[c].color} {by_cell[c].shape}" if c in by_cell else "empty")
+             for c in cells]
+    return "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------- questions and answers
