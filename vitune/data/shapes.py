@@ -1,5 +1,5 @@
 """The shapes data set on disk: `generate_shapes` writes images, LLaVA-format `align.json`
-(captions) and `instruct.json` (multi-turn QA chats plus single-turn extras), a VQA-format test
+(captions) and `instruct.json` (single-turn questions plus some short multi-turn chats), a VQA-format test
 split (`test_questions.jsonl`, `test_answers.jsonl`), `scenes.jsonl` (ground-truth objects) and
 `meta.json` (written last). Each image's scene, noise and questions come from its own generator
 seeded by (seed, split, index): output is deterministic and the test split does not depend on
@@ -22,6 +22,8 @@ from vitune.files import atomic_write_json, atomic_write_jsonl
 
 DESCRIBE = "Describe the image."
 TEST_QUESTIONS_PER_IMAGE = 6
+SINGLES_PER_IMAGE = 3
+CHAT_FRACTION = 0.25
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -58,13 +60,13 @@ def _cell_order(rng: np.random.Generator) -> list[int]:
 
 
 def make_conversation(scene: Scene, rng: np.random.Generator, seen: set[str]) -> list[tuple[str, str]]:
-    """4-6 QA turns of distinct categories; a quarter of the time also 'Describe the image.'"""
-    k = int(rng.integers(4, 7))
+    """2-3 QA turns of distinct categories; half of the time 'Describe the image.' closes it."""
+    k = int(rng.integers(2, 4))
     cats = [CATEGORIES[int(i)] for i in rng.choice(len(CATEGORIES), size=k, replace=False)]
     turns = [qa[:2] for c in cats if (qa := _fresh_qa(scene, c, rng, seen)) is not None]
-    if rng.random() < 0.25:
+    if rng.random() < 0.5:
         seen.add(DESCRIBE)
-        turns.insert(int(rng.integers(len(turns) + 1)), (DESCRIBE, caption(scene, _cell_order(rng))))
+        turns.append((DESCRIBE, caption(scene, _cell_order(rng))))
     return turns
 
 
@@ -85,17 +87,21 @@ def _llava_record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
 
 
 def _train_records(scene: Scene, name: str, image: str, rng: np.random.Generator) -> tuple[dict, list[dict]]:
-    """The caption record and the instruction records (one chat, sometimes one single-turn)."""
+    """The caption record and the instruction records: SINGLES_PER_IMAGE single-turn questions of
+    distinct categories, and for CHAT_FRACTION of the images a short multi-turn chat.
+
+    Mostly single-turn on purpose: in a chat, one question's wording gives away another's answer
+    ("What shape is the orange object ...?" then "Is there an orange square?"), and a small model
+    learns to copy that instead of looking at the image.
+    """
     align = {"id": f"shapes-{name}-caption", "image": image,
              "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, _cell_order(rng))}]}
     seen: set[str] = set()
-    instruct = [_llava_record(f"shapes-{name}-chat", image, make_conversation(scene, rng, seen))]
-    if rng.random() < 0.3:
-        for _ in range(10):
-            qa = _fresh_qa(scene, CATEGORIES[int(rng.integers(len(CATEGORIES)))], rng, seen)
-            if qa is not None:
-                instruct.append(_llava_record(f"shapes-{name}-single", image, [qa[:2]]))
-                break
+    cats = [CATEGORIES[int(i)] for i in rng.choice(len(CATEGORIES), size=SINGLES_PER_IMAGE, replace=False)]
+    instruct = [_llava_record(f"shapes-{name}-single-{k}", image, [qa[:2]])
+                for k, c in enumerate(cats) if (qa := _fresh_qa(scene, c, rng, seen)) is not None]
+    if rng.random() < CHAT_FRACTION:
+        instruct.append(_llava_record(f"shapes-{name}-chat", image, make_conversation(scene, rng, seen)))
     return align, instruct
 
 
