@@ -76,3 +76,16 @@ def test_missing_package_message(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "easy_vqa", None)  # makes `import easy_vqa` raise ImportError
     with pytest.raises(ImportError, match=r"pip install easy-vqa==1\.0"):
         convert_easy_vqa(tmp_path)
+
+
+def test_captions_come_from_each_images_own_answers(converted):
+    instruct = json.loads((converted / "instruct.json").read_text())
+    captions = json.loads((converted / "captions.json").read_text())
+    answers: dict[str, set] = {}
+    for r in instruct:
+        answers.setdefault(r["image"], set()).add(r["conversations"][1]["value"])
+    assert captions and len({c["image"] for c in captions}) == len(captions)
+    for c in captions:
+        _, color, shape = c["conversations"][1]["value"].rstrip(".").split()
+        assert c["conversations"][0]["value"] == "<image>" and {color, shape} <= answers[c["image"]]
+    assert json.loads((converted / "meta.json").read_text())["n_captions"] == len(captions)

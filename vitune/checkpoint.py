@@ -2,6 +2,9 @@
 plan, RNG states, the tokenizer and the resolved config, written as one folder atomically.
 
     OUT/state/{model.safetensors, optimizer.pt, rng.pt, trainer.json, tokenizer.json, config.yaml}
+
+Like a model folder, the state leaves out pretrained parts that no stage trains (weights.py): a
+resumed run rebuilds them from their sources before loading the state.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, dump_yaml
 from .files import atomic_dir
+from .lora import is_lora_key
 from .model import VLM
+from .pretrained import pretrained_parts
 from .tokenizer import Tokenizer
-from .weights import state_dict_for_save
+from .weights import stored_state
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class Position:
 
 def save_state(folder: Path, model: VLM, optimizer: torch.optim.Optimizer, pos: Position, tok: Tokenizer, cfg: Config) -> None:
     with atomic_dir(folder) as tmp:
-        save_file(state_dict_for_save(model), str(tmp / "model.safetensors"))
+        save_file(stored_state(model, cfg)[0], str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
         torch.save(rng, tmp / "rng.pt")
@@ -45,7 +50,13 @@ def read_position(folder: Path) -> Position:
 
 
 def load_state(folder: Path, model: VLM, optimizer: torch.optim.Optimizer | None) -> Position:
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    state, own = load_file(str(folder / "model.safetensors")), model.state_dict()
+    base = set(pretrained_parts(model.cfg))  # left out when untrained; already loaded from their sources
+    missing = [k for k in own if k not in state and (k.split(".", 1)[0] not in base or is_lora_key(k))]
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
     rng = torch.load(folder / "rng.pt", weights_only=False)

@@ -2,6 +2,7 @@
 
     vitune data shapes|easy-vqa|inspect ...   vitune train ...   vitune chat ...
     vitune predict ...   vitune eval ...   vitune quickstart
+    vitune merge MODEL OUT   vitune export --format hf MODEL OUT   vitune convert smollm2
 Run `vitune COMMAND --help` for each command's options.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -126,6 +126,40 @@ def cmd_quickstart(args) -> None:
     quickstart(Path(args.out), n_train=args.n_train, n_test=args.n_test, seed=args.seed)
 
 
+def cmd_merge(args) -> None:
+    from .lora import merge_folder
+    print(f"merged model saved to {merge_folder(args.model, args.out)}")
+
+
+def cmd_export(args) -> None:
+    from .export_hf import export_hf
+    print(f"exported to {export_hf(args.model, args.out)} (load with transformers' "
+          "LlavaForConditionalGeneration / AutoProcessor)")
+
+
+def cmd_convert(args) -> None:
+    from .hf_import import convert_smollm2
+    print(convert_smollm2(args.cache_dir))
+
+
+def cmd_data_text_chat(args) -> None:
+    from .data.text_chat import write_text_chat
+    print(write_text_chat(args.out, args.lm, max_new_tokens=args.max_new_tokens))
+
+
+def _model_parsers(sub) -> None:
+    p = sub.add_parser("merge", help="fold a model's LoRA adapters into its weights: a standalone folder")
+    p.add_argument("model"), p.add_argument("out")
+    p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser("export", help="write a model in another framework's format")
+    p.add_argument("--format", choices=["hf"], required=True, help="hf: transformers' LLaVA + processor")
+    p.add_argument("model"), p.add_argument("out")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("convert", help="convert a packaged pretrained checkpoint once (cached)")
+    p.add_argument("source", choices=["smollm2"]), p.add_argument("--cache-dir")
+    p.set_defaults(fn=cmd_convert)
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model through the stages of a preset or config")
     p.add_argument("--preset"), p.add_argument("--config")
@@ -142,7 +176,7 @@ def _train_parser(sub) -> None:
 def _use_parsers(sub) -> None:
     p = sub.add_parser("chat", help="ask about an image (streams); no question: interactive")
     p.add_argument("--model", required=True)
-    p.add_argument("--image", action="append", default=[], required=True)
+    p.add_argument("--image", action="append", default=[], help="repeatable; none: a text-only chat")
     p.add_argument("question", nargs="*")
     for q in [p]:
         q.add_argument("--max-new-tokens", type=int, default=64)
@@ -174,6 +208,10 @@ def _data_parsers(sub) -> None:
     p.add_argument("--out", required=True), p.add_argument("--max-train", type=int)
     p.add_argument("--max-test", type=int), p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_easy_vqa)
+    p = d.add_parser("text-chat", help="text-only chats: a pretrained LM's own answers to built-in prompts")
+    p.add_argument("--out", required=True), p.add_argument("--lm", default="smollm2-135m-instruct")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(fn=cmd_data_text_chat)
     p = d.add_parser("inspect", help="show a rendered record: trained tokens highlighted, masked ones dim")
     p.add_argument("file"), p.add_argument("--index", type=int, default=0)
     p.add_argument("--template", choices=["plain", "chatml"], default="chatml")
@@ -188,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parsers(sub)
     _train_parser(sub)
     _use_parsers(sub)
+    _model_parsers(sub)
     p = sub.add_parser("quickstart", help="generate shapes data, train `small`, evaluate, print the table")
     p.add_argument("--out", default="runs/quickstart"), p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=500), p.add_argument("--seed", type=int, default=0)

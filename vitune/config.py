@@ -263,6 +263,8 @@ def validate(cfg: Config) -> Config:
         (lm.max_seq_len > 0, "model.lm.max_seq_len must be positive"),
         (len(cfg.train.stages) > 0, "train.stages must not be empty"),
         (cfg.model.lora.rank >= 0 and len(cfg.model.lora.targets) > 0, "model.lora: rank >= 0 and at least one target"),
+        (not (v.pretrained and v.stats_from_data), "model.vision.stats_from_data must be false for a pretrained "
+         "tower: its image statistics are part of what it was trained with"),
     ]
     if cfg.model.connector.reduce != "none":
         g = v.image_size // v.patch_size

@@ -13,6 +13,7 @@ from torch import nn
 from .config import ModelConfig
 from .connector import build_connector, merge_image_embeddings
 from .lm import LM
+from .lora import apply_lora, is_lora_key
 from .losses import lm_loss
 from .vision import build_vision
 
@@ -25,6 +26,7 @@ class VLM(nn.Module):
         self.vision = build_vision(cfg.vision)
         self.connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.dim)
         self.lm = LM(cfg.lm)
+        apply_lora(self.lm, cfg.lora)  # no-op at rank 0
 
     @property
     def n_image_tokens(self) -> int:
@@ -62,9 +64,11 @@ class VLM(nn.Module):
         return lm_loss(hidden, labels, self.lm.head_weight(), n_targets)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part name, as stages name them (`vision`, `connector`, `lm`)."""
+        """Parameters by part name, as stages name them (`vision`, `connector`, `lm`, `lora`)."""
+        lm = list(self.lm.named_parameters())
         return {
             "vision": list(self.vision.parameters()),
             "connector": list(self.connector.parameters()),
-            "lm": list(self.lm.parameters()),
+            "lm": [p for n, p in lm if not is_lora_key(n)],
+            "lora": [p for n, p in lm if is_lora_key(n)],
         }

@@ -4,6 +4,7 @@
   CLIP / SigLIP vision towers (optional class token and pre-norm, q/k/v/out projections with
   bias, fc1/fc2 MLP) so their weights map onto it key by key (see weights.py).
 - `CNN`: a small strided conv stack with a learned 2-D position embedding, for from-scratch use.
+- `EfficientNetLite0` (vision_pretrained.py): the packaged ImageNet CNN, 49 tokens of 1280-d.
 
 `build_vision` picks one by `VisionConfig.kind` from the explicit `VISION_ENCODERS` registry.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .vision_pretrained import EfficientNetLite0
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -139,7 +141,7 @@ class CNN(nn.Module):
         return x + self.position_embedding.to(x.dtype)
 
 
-VISION_ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "cnn": CNN}
+VISION_ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "cnn": CNN, "efficientnet_lite0": EfficientNetLite0}
 
 
 def build_vision(cfg: VisionConfig) -> nn.Module:

@@ -1,7 +1,9 @@
 """easy-VQA converter: the `easy_vqa` package's images and questions → vitune's files.
 
 `convert_easy_vqa` copies the images it uses into `out_dir/images/` and writes `instruct.json`
-(LLaVA format, one single-turn record per training question), the VQA-format test split
+(LLaVA format, one single-turn record per training question), `captions.json` (for an `align`
+stage: "A red circle." for each training image whose own questions answer both its colour and
+its shape directly; the others get none), the VQA-format test split
 (`test_questions.jsonl`, `test_answers.jsonl`, category from the answer: shape / color / yes/no)
 and `meta.json` (written last). Needs `pip install easy-vqa==1.0`.
 """
@@ -34,6 +36,8 @@ class EasyVQASummary:
     test_questions_path: Path
     test_answers_path: Path
     meta_path: Path
+    captions_path: Path
+    n_captions: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,19 @@ def _instruct_records(split: _Split, rel: dict[int, str]) -> list[dict]:
     return records
 
 
+def _caption_records(split: _Split, rel: dict[int, str]) -> list[dict]:
+    """"A {color} {shape}." per image whose colour and shape are answers to its own questions."""
+    known: dict[int, dict[str, str]] = {}
+    for _, answer, image_id in split.questions:
+        kind = "shape" if answer in SHAPE_ANSWERS else "color" if answer in COLOR_ANSWERS else None
+        if kind:
+            known.setdefault(image_id, {})[kind] = answer
+    return [{"id": f"easyvqa-caption-{i:05d}", "image": rel[i],
+             "conversations": [{"from": "human", "value": "<image>"},
+                               {"from": "gpt", "value": f"A {k['color']} {k['shape']}."}]}
+            for i, k in sorted(known.items()) if len(k) == 2]
+
+
 def _test_rows(split: _Split, rel: dict[int, str], categories: dict[str, str]) -> tuple[list, list]:
     questions, answers = [], []
     for qid, (text, answer, image_id) in enumerate(split.questions):
@@ -118,17 +135,19 @@ def convert_easy_vqa(out_dir: str | Path, max_train: int | None = None, max_test
             raise DataError(f"easy_vqa: answer {answer!r} is not in get_answers()")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    instruct = _instruct_records(train, _copy_images(train, "train", out))
+    train_rel = _copy_images(train, "train", out)
+    instruct, captions = _instruct_records(train, train_rel), _caption_records(train, train_rel)
     questions, answers = _test_rows(test, _copy_images(test, "test", out), categories)
     summary = EasyVQASummary(out, len(train.images), len(test.images), len(instruct), len(questions),
                              out / "instruct.json", out / "test_questions.jsonl",
-                             out / "test_answers.jsonl", out / "meta.json")
+                             out / "test_answers.jsonl", out / "meta.json", out / "captions.json", len(captions))
     atomic_write_json(summary.instruct_path, instruct)
+    atomic_write_json(summary.captions_path, captions)
     atomic_write_jsonl(summary.test_questions_path, questions)
     atomic_write_jsonl(summary.test_answers_path, answers)
     atomic_write_json(summary.meta_path, {  # written last: its presence marks a complete set
         "generator": "vitune.data.easy_vqa", "source": "easy-vqa==1.0", "seed": seed,
         "max_train": max_train, "max_test": max_test, "n_train_images": summary.n_train_images,
-        "n_test_images": summary.n_test_images, "n_instruct": len(instruct),
+        "n_test_images": summary.n_test_images, "n_instruct": len(instruct), "n_captions": len(captions),
         "n_test_questions": len(questions), "categories": list(CATEGORIES), "answers": categories})
     return summary
