@@ -63,5 +63,8 @@ def test_bad_overrides_name_the_field():
         apply_overrides(tiny(), ["train.stages.0.template=jinja"])
     with pytest.raises(ConfigError, match="model.lm.layers: expected int"):
         apply_overrides(tiny(), ["model.lm.layers=two"])
+    with pytest.raises(ConfigError, match="lr_lm: expected a number, got 'fast'"):
+        apply_overrides(tiny(), ["train.stages.0.lr_lm=fast"])
+    assert apply_overrides(tiny(), ["train.stages.0.lr_lm=3e-4"]).train.stages[0].lr_lm == 3e-4
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides(tiny(), ["train.stages.5.steps=1"])

@@ -186,11 +186,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if arg is type(None) and value is None:
                 return None
         return _coerce(next(a for a in typing.get_args(tp) if a is not type(None)), value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        return _to_float(value, where)
     if tp in (int, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _to_float(value: Any, where: str) -> float:
+    """Numbers, and strings such as "3e-4" (YAML 1.1 reads those as strings)."""
+    if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
