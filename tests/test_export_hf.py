@@ -122,6 +122,7 @@ def _cfg(*overrides):
     (["model.connector.reduce=pixel_shuffle2x2"], "no token pooling or pixel shuffle"),
     (["model.vision.pre_norm=false"], "neither CLIP's layout"),
     (["model.connector.hidden_dim=96"], "projector hidden width"),
+    (["model.connector.slot_embedding=true"], "no per-slot position embedding"),
 ])
 def test_unsupported_parts_are_refused_with_the_reason(overrides, reason):
     with pytest.raises(ExportError, match=reason):

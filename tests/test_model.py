@@ -141,3 +141,15 @@ def test_lm_with_cache_and_no_mask_is_causal_with_offset(model):
         parts = [lm(x[:, :4], pos[:, :4], cache=cache), lm(x[:, 4:6], pos[:, 4:6], cache=cache),
                  lm(x[:, 6:], pos[:, 6:], cache=cache)]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_slot_embedding_adds_a_position_code_per_image_token(tok):
+    cfg = tiny().model
+    cfg = dataclasses.replace(cfg, connector=ConnectorConfig(reduce="pool2x2", slot_embedding=True))
+    m = VLM(cfg, tok.special.image)
+    assert m.connector.slot_embedding.shape == (4, cfg.lm.dim)
+    with torch.no_grad():
+        base = m.connector.linear_2(torch.nn.functional.gelu(m.connector.linear_1(
+            reduce_tokens(m.vision(torch.zeros(1, 3, 32, 32)), "pool2x2"))))
+        out = m.encode_images(torch.zeros(1, 3, 32, 32))
+    assert torch.allclose(out - base, m.connector.slot_embedding[None])

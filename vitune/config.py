@@ -58,6 +58,9 @@ class ConnectorConfig:
     kind: Literal["mlp"] = "mlp"
     reduce: Literal["none", "pool2x2", "pixel_shuffle2x2"] = "none"
     hidden_dim: int = 0           # 0: the LM's width
+    # A learned embedding per image-token slot, added to the projected tokens in the LM's space:
+    # a clean 2-D position code the LM can match words like "top left" against.
+    slot_embedding: bool = False
 
 
 @dataclass(frozen=True)

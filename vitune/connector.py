@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConnectorConfig
+from .vision import sincos_2d
 
 
 def reduce_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -34,28 +35,33 @@ def reduce_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class MLPProjector(nn.Module):
-    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int):
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, n_vision_tokens: int):
         super().__init__()
         self.reduce = cfg.reduce
         d_in = vision_dim * (4 if cfg.reduce == "pixel_shuffle2x2" else 1)
         hidden = cfg.hidden_dim or lm_dim
         self.linear_1, self.linear_2 = nn.Linear(d_in, hidden), nn.Linear(hidden, lm_dim)
+        self.slot_embedding = None
+        if cfg.slot_embedding:
+            grid = math.isqrt(self.num_tokens(n_vision_tokens))
+            self.slot_embedding = nn.Parameter(0.3 * sincos_2d(grid, lm_dim))  # (N', D_lm)
 
     def num_tokens(self, n_vision_tokens: int) -> int:
         return n_vision_tokens if self.reduce == "none" else n_vision_tokens // 4
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = reduce_tokens(features, self.reduce)
-        return self.linear_2(F.gelu(self.linear_1(x)))  # (B, N', D_lm)
+        x = self.linear_2(F.gelu(self.linear_1(x)))  # (B, N', D_lm)
+        return x if self.slot_embedding is None else x + self.slot_embedding.to(x.dtype)
 
 
 CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector}
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, n_vision_tokens: int) -> nn.Module:
     if cfg.kind not in CONNECTORS:
         raise ValueError(f"unknown connector {cfg.kind!r}; valid: {sorted(CONNECTORS)}")
-    return CONNECTORS[cfg.kind](cfg, vision_dim, lm_dim)
+    return CONNECTORS[cfg.kind](cfg, vision_dim, lm_dim, n_vision_tokens)
 
 
 class ImageTokenMismatch(ValueError):

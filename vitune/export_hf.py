@@ -58,6 +58,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     if c.reduce != "none":
         problems.append(f"connector.reduce={c.reduce!r}: LLaVA has no token pooling or pixel shuffle; "
                         "export needs reduce='none'")
+    if c.slot_embedding:
+        problems.append("connector.slot_embedding=True: LLaVA's projector has no per-slot position embedding")
     if c.hidden_dim not in (0, cfg.lm.dim):
         problems.append(f"connector.hidden_dim={c.hidden_dim}: LLaVA's projector hidden width is the LM's ({cfg.lm.dim})")
     if problems:

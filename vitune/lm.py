@@ -42,6 +42,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
+def fp32_attention(x: torch.Tensor):
+    """Attention in fp32, also under bf16 autocast (which would cast SDPA back to bf16): on CPU
+    bf16 SDPA is several times slower than fp32 (docs/performance.md) and less exact."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @dataclass
 class KVCache:
     """Per-layer key/value buffers `(B, H_kv, T_max, hd)`; `length` tokens are filled."""
@@ -86,11 +92,11 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd)
         if mask is None and k.shape[2] != T:  # queries follow cached keys: causal with an offset
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-        # fp32 attention: bf16 SDPA is slower than fp32 on CPU (PERFORMANCE.md) and less exact.
-        y = F.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.heads != self.kv_heads,
-        ).to(x.dtype)
+        with fp32_attention(x):
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
+                enable_gqa=self.heads != self.kv_heads,
+            ).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

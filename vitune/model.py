@@ -24,7 +24,7 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.image_token_id = image_token_id
         self.vision = build_vision(cfg.vision)
-        self.connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.dim)
+        self.connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.dim, self.vision.num_tokens)
         self.lm = LM(cfg.lm)
         apply_lora(self.lm, cfg.lora)  # no-op at rank 0
 

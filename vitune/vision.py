@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .lm import fp32_attention
 from .vision_pretrained import EfficientNetLite0
 
 ACTIVATIONS = {
@@ -56,7 +57,8 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = (p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, hd)
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+        with fp32_attention(x):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 
 

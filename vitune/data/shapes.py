@@ -55,10 +55,6 @@ def _fresh_qa(scene: Scene, category: Category, rng: np.random.Generator, seen: 
     return None
 
 
-def _cell_order(rng: np.random.Generator) -> list[int]:
-    return [int(c) for c in rng.permutation(len(POSITIONS))]
-
-
 def make_conversation(scene: Scene, rng: np.random.Generator, seen: set[str]) -> list[tuple[str, str]]:
     """2-3 QA turns of distinct categories; half of the time 'Describe the image.' closes it."""
     k = int(rng.integers(2, 4))
@@ -66,7 +62,7 @@ def make_conversation(scene: Scene, rng: np.random.Generator, seen: set[str]) ->
     turns = [qa[:2] for c in cats if (qa := _fresh_qa(scene, c, rng, seen)) is not None]
     if rng.random() < 0.5:
         seen.add(DESCRIBE)
-        turns.append((DESCRIBE, caption(scene, _cell_order(rng))))
+        turns.append((DESCRIBE, caption(scene)))
     return turns
 
 
@@ -95,7 +91,7 @@ def _train_records(scene: Scene, name: str, image: str, rng: np.random.Generator
     learns to copy that instead of looking at the image.
     """
     align = {"id": f"shapes-{name}-caption", "image": image,
-             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, _cell_order(rng))}]}
+             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]}
     seen: set[str] = set()
     cats = [CATEGORIES[int(i)] for i in rng.choice(len(CATEGORIES), size=SINGLES_PER_IMAGE, replace=False)]
     instruct = [_llava_record(f"shapes-{name}-single-{k}", image, [qa[:2]])

@@ -114,15 +114,13 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def caption(scene: Scene, order: list[int] | None = None) -> str:
-    """A grounded caption naming every cell of the 3x3 layout, e.g. "center: large blue square;
-    top left: empty; ...". `order` (a permutation of the 9 cells; default: raster order) lets the
-    generator shuffle it: read in a random order, the caption cannot be written without looking
-    up each named cell in the image, which is the skill the questions need."""
+def caption(scene: Scene) -> str:
+    """A grounded caption naming every cell of the 3x3 layout in reading order, e.g.
+    "top left: empty; top: small red circle; ...". Every word after a cell's name can only be
+    written by looking at that cell, which is what teaches a from-scratch tower to see."""
     by_cell = {o.cell: o for o in scene.objects}
-    cells = order if order is not None else list(range(len(POSITIONS)))
-    parts = [f"{POSITIONS[c]}: " + (f"{by_cell[c].size} {by_cell[c].color} {by_cell[c].shape}" if c in by_cell else "empty")
-             for c in cells]
+    parts = [f"{name}: " + (f"{by_cell[c].size} {by_cell[c].color} {by_cell[c].shape}" if c in by_cell else "empty")
+             for c, name in enumerate(POSITIONS)]
     return "; ".join(parts) + "."
 
 
