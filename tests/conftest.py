@@ -40,3 +40,13 @@ def shapes_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     generate_shapes(out, n_train=48, n_test=8, seed=1, image_size=96)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread; several threads only add contention overhead on a busy CPU."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

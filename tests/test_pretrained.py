@@ -21,12 +21,7 @@ EFFICIENTNET = VisionConfig(kind="efficientnet_lite0", pretrained="package:effic
                             patch_size=32, width=1280)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_lm_model(vision: VisionConfig) -> ModelConfig:

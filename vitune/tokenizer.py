@@ -86,7 +86,9 @@ def byte_level() -> Tokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE trained on `texts`; any text still encodes (byte fallback by construction)."""
     tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # A word gets the same token wherever it stands ("red" as a whole answer and in "a red
+    # circle" are one token), so what a caption teaches carries over to short answers.
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
