@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .data.shapes import generate_shapes
-from .data.vqa_format import read_predictions
+from .data.vqa_format import read_predictions, read_questions
 from .evaluate import eval_vqa, run_predict
 from .files import atomic_write_json
 from .metrics import format_table
@@ -35,7 +35,7 @@ def quickstart(out: Path, n_train: int = 4000, n_test: int = 500, seed: int = 0)
     report = {"minutes": round(minutes, 2), "accuracy": result.accuracy,
               "per_category": {k: v.accuracy for k, v in result.per_category.items()}}
     atomic_write_json(out / "quickstart_results.json", report)
-    image = sorted((data / "images").glob("test_*.png"))[0]
-    print(f"\nchat with the trained model:\n  vitune chat --model {model_dir} --image {image} "
-          f"\"What color is the object at the center?\"")
+    first = read_questions(data / "test_questions.jsonl")[0]
+    print(f"\nchat with the trained model:\n  vitune chat --model {model_dir} --image {data / first.image} "
+          f"\"{first.text}\"")
     return report
