@@ -89,6 +89,26 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+TextAct = Literal["gelu", "gelu_tanh", "relu"]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A BERT-family text / instruction encoder (text.py)."""
+
+    vocab_size: int = 30522
+    dim: int = 384                # D_t
+    layers: int = 6
+    heads: int = 12
+    ffn_dim: int = 1536
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    act: TextAct = "gelu"
+    pad_id: int = 0
+    max_len: int = 512            # tokenizer truncation (sentence-transformers' max_seq_length)
+    normalize: bool = True        # L2-normalise pooled embeddings
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: Literal["byte", "bpe"] = "bpe"   # byte: 256 byte tokens; bpe: trained on the training data

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,27 +26,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
+from .config import TextAct, TextConfig
 from .hf_import import UnsupportedCheckpoint, load_mapped, read_config, read_state_dict
 
-TextAct = Literal["gelu", "gelu_tanh", "relu"]
 HF_TEXT_ACTS: dict[str, TextAct] = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                                     "relu": "relu"}
 
-
-@dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int = 30522
-    dim: int = 384                # D_t
-    layers: int = 6
-    heads: int = 12
-    ffn_dim: int = 1536
-    max_positions: int = 512
-    type_vocab_size: int = 2
-    norm_eps: float = 1e-12
-    act: TextAct = "gelu"
-    pad_id: int = 0
-    max_len: int = 512            # tokenizer truncation (sentence-transformers' max_seq_length)
-    normalize: bool = True        # L2-normalise pooled embeddings
 
 
 class Embeddings(nn.Module):
