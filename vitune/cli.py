@@ -56,6 +56,18 @@ def _gen(args):
                             top_p=args.top_p, seed=args.seed)
 
 
+def _printer():
+    """Print streamed text as it comes, without the leading space a tokenizer may put first."""
+    started = False
+
+    def show(text: str) -> None:
+        nonlocal started
+        text = text if started else text.lstrip()
+        started = started or bool(text)
+        print(text, end="", flush=True)
+    return show
+
+
 def cmd_chat(args) -> None:
     from .chat import Message
     from .inference import Assistant, Request, user_turn
@@ -73,8 +85,7 @@ def cmd_chat(args) -> None:
             if question in ("", "exit", "quit"):
                 return
         messages.append(user_turn(question, len(images)) if not messages else Message("user", question))
-        reply = assistant.answer(Request(images, messages), _gen(args),
-                                 on_text=lambda t: print(t, end="", flush=True))
+        reply = assistant.answer(Request(images, messages), _gen(args), on_text=_printer())
         print()
         messages.append(Message("assistant", reply))
         if args.question:
