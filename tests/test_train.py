@@ -68,3 +68,15 @@ def test_bad_overrides_name_the_field():
     assert apply_overrides(tiny(), ["train.stages.0.lr_lm=3e-4"]).train.stages[0].lr_lm == 3e-4
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides(tiny(), ["train.stages.5.steps=1"])
+
+
+def test_packed_stage_trains_on_fewer_rows(shapes_dir, tmp_path):
+    cfg = apply_overrides(tiny(), ["train.stages.0.steps=1", "train.stages.1.steps=2",
+                                   "train.stages.1.packing=shared_prefix", "model.lm.max_seq_len=400"])
+    logs = []
+    train(cfg, data(shapes_dir), tmp_path, progress=False, log=logs.append)
+    packed = [line for line in logs if "packed into" in line]
+    assert len(packed) == 1
+    n_samples, n_rows = (int(w) for w in packed[0].split(":")[1].split() if w.isdigit())
+    assert 0 < n_rows < n_samples
+    assert all(r["loss"] == r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl"))  # finite, not NaN

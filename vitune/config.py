@@ -150,6 +150,9 @@ class StageConfig:
     # ability), cycled until they make up `mix_fraction` of the stage's records (0: each once).
     mix_data: tuple[str, ...] = ()
     mix_fraction: float = 0.0
+    # "shared_prefix": the questions about one image share one row behind a single copy of the
+    # system prompt and image tokens, each seeing only that prefix and itself (data/packing.py).
+    packing: Literal["none", "shared_prefix"] = "none"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .data.packing import attention_layout
 from .connector import build_connector, merge_image_embeddings
 from .lm import LM
 from .lora import apply_lora, is_lora_key
@@ -55,12 +56,17 @@ class VLM(nn.Module):
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None,
         n_targets: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Right-padded `input_ids/labels (B, T)`; loss normalised by `n_targets` (default: this batch's)."""
+        """Right-padded `input_ids/labels (B, T)`; loss normalised by `n_targets` (default: this batch's).
+        `segments (B, T)`: rows packed behind a shared prefix (data/packing.py); None: plain causal."""
         embeds = self.embed_inputs(input_ids, pixel_values)
         B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        hidden = self.lm(embeds, positions)  # (B, T, D_lm), causal
+        if segments is None:
+            positions, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
+        else:
+            positions, mask = attention_layout(segments)
+        hidden = self.lm(embeds, positions, mask)  # (B, T, D_lm)
         return lm_loss(hidden, labels, self.lm.head_weight(), n_targets)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -117,15 +117,20 @@ class Batch:
     labels: torch.Tensor         # (B, T)
     pixel_values: torch.Tensor   # (n_img, 3, S, S): the images of all rows, in order
     n_targets: int               # trained tokens in this batch (after the shift)
+    segments: torch.Tensor | None = None  # (B, T) when a row is packed (data/packing.py); padding -1
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.pixel_values.to(device), self.n_targets)
+        segments = None if self.segments is None else self.segments.to(device)
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.pixel_values.to(device), self.n_targets,
+                     segments)
 
 
 def collate(
-    rows: list[tuple[list[int], list[int]]], images_uint8: torch.Tensor, transform: ImageTransform, pad_id: int
+    rows: list[tuple[list[int], list[int]]], images_uint8: torch.Tensor, transform: ImageTransform, pad_id: int,
+    segments: list[list[int] | None] | None = None,
 ) -> Batch:
-    """Right-pad `(ids, labels)` rows; `images_uint8` are the rows' images in row order."""
+    """Right-pad `(ids, labels)` rows; `images_uint8` are the rows' images in row order.
+    `segments` (per row, None for an unpacked row) are kept only when some row is packed."""
     T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
@@ -133,4 +138,13 @@ def collate(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(labs)] = torch.tensor(labs)
     n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(input_ids, labels, transform.normalize(images_uint8), n_targets)
+    return Batch(input_ids, labels, transform.normalize(images_uint8), n_targets, _segment_tensor(rows, segments, T))
+
+
+def _segment_tensor(rows, segments: list[list[int] | None] | None, T: int) -> torch.Tensor | None:
+    if segments is None or all(s is None for s in segments):
+        return None
+    out = torch.full((len(rows), T), -1, dtype=torch.long)  # padding: a segment of its own
+    for i, ((ids, _), seg) in enumerate(zip(rows, segments)):
+        out[i, : len(ids)] = 0 if seg is None else torch.tensor(seg)  # unpacked: all prefix, i.e. causal
+    return out

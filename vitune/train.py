@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .checkpoint import Position, load_state, read_position, save_state
 from .config import Config, StageConfig, TrainConfig, dump_yaml
 from .data.dataset import (BadRecords, BatchOrder, TrainSet, conversation_texts, encode_trainset, load_conversations,
-                           make_batch, mix_in)
+                           make_batch, mix_in, pack_trainset)
 from .files import atomic_write_text
 from .metrics_log import MetricsLog
 from .model import VLM
@@ -120,7 +120,7 @@ def train_step(model: VLM, run: StageRun, step: int, cfg: Config, transform: Ima
     for b in micro:
         b = b.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            loss, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets)
+            loss, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments)
         loss.backward()
         total_loss += loss.item()
     if tc.grad_clip > 0:
@@ -187,6 +187,10 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
             continue
         ts = encode_trainset(prep.convs[si], tok, stage.template, transform, model.n_image_tokens,
                              cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt)
+        if stage.packing == "shared_prefix":
+            n_samples = len(ts)
+            ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
+            log(f"stage {stage.name!r}: {n_samples} samples packed into {len(ts)} rows (shared prefix)")
         order = BatchOrder([len(r[0]) for r in ts.rows], stage.batch_size, tc.seed + si, tc.group_by_length)
         run = StageRun(si, stage, ts, order,
                        build_optimizer(model, stage, tc), stage_steps(stage, len(ts)))

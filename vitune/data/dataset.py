@@ -18,6 +18,7 @@ from ..files import DataError, read_json_records
 from ..processor import Batch, ImageTransform, collate, encode_conversation, load_image
 from ..tokenizer import IMAGE_TOKEN, Tokenizer
 from .llava import Conversation, parse_record
+from .packing import pack_shared_prefix
 
 Policy = Literal["error", "skip"]
 Log = Callable[[str], None]
@@ -67,6 +68,7 @@ class TrainSet:
     images: list[list[int]] = field(default_factory=list)   # per row: indices into `bank`
     ids: list[str] = field(default_factory=list)
     bank: torch.Tensor | None = None                          # (n_unique, 3, S, S) uint8
+    segments: list[list[int] | None] | None = None           # per row once packed (packing.py)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -141,4 +143,11 @@ class BatchOrder:
 def make_batch(ts: TrainSet, rows: list[int], transform: ImageTransform, pad_id: int) -> Batch:
     img_idx = [i for r in rows for i in ts.images[r]]
     assert ts.bank is not None
-    return collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id)
+    segments = None if ts.segments is None else [ts.segments[r] for r in rows]
+    return collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id, segments)
+
+
+def pack_trainset(ts: TrainSet, max_len: int, image_id: int) -> TrainSet:
+    """The same samples with each image's questions packed behind one shared prefix (packing.py)."""
+    rows, images, ids, segments = pack_shared_prefix(ts.rows, ts.images, ts.ids, max_len, image_id)
+    return TrainSet(rows, images, ids, ts.bank, segments)
