@@ -44,6 +44,47 @@ def test_predict_then_eval(run, capsys):
     assert json.loads(scores.read_text())["n"] == n_questions
 
 
+def test_batched_predictions_with_shared_prefixes_equal_one_by_one(run):
+    data, out = run
+    q = str(data / "test_questions.jsonl")
+    assert main(["predict", "--model", str(out), "--questions", q, "--out", str(out / "one.jsonl"), "--batch-size", "1"]) == 0
+    assert main(["predict", "--model", str(out), "--questions", q, "--out", str(out / "many.jsonl")]) == 0
+    one, many = (out / "one.jsonl").read_text(), (out / "many.jsonl").read_text()
+    assert one == many and len(one.splitlines()) == len(open(q).read().splitlines())
+
+
+def test_shared_prefix_needs_the_same_image_objects(tok):
+    from PIL import Image
+    from vitune.chat import Message
+    from vitune.inference import Request, shared_prefix_len
+    a, b = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))
+    img = tok.special.image
+    prompts = [[1, img, img, 7, 8, 9], [1, img, img, 7, 5]]
+    same = [Request([a], [Message("user", "q")]), Request([a], [Message("user", "r")])]
+    assert shared_prefix_len(prompts, same, img) == 4
+    assert shared_prefix_len(prompts, [same[0], Request([b], same[1].messages)], img) == 0
+    assert shared_prefix_len([[1, img, 7], [1, 5, img, 7]], same, img) == 0  # an image token after the split
+
+
+def test_eval_with_a_model_in_bf16(run, capsys, monkeypatch):
+    import torch
+    from vitune.lm import LM
+    data, out = run
+    dtypes = []
+    original = LM.logits
+
+    def logits(self, h):  # records whether a matmul here runs under bf16 autocast
+        x = h.reshape(-1, h.shape[-1])[:1]
+        dtypes.append(torch.mm(x, x.T).dtype)
+        return original(self, h)
+
+    monkeypatch.setattr(LM, "logits", logits)
+    assert main(["eval", "--model", str(out), "--questions", str(data / "test_questions.jsonl"), "--answers",
+                 str(data / "test_answers.jsonl"), "--precision", "bf16", "--out-predictions", str(out / "p16.jsonl")]) == 0
+    assert "overall" in capsys.readouterr().out
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # matmuls ran under bf16 autocast
+
+
 def test_chat_one_shot_streams_an_answer(run, capsys):
     data, out = run
     image = sorted((data / "images").glob("test_*.png"))[0]

@@ -93,6 +93,19 @@ def test_batched_generation_equals_one_by_one(model, tok):
     assert batched == singles
 
 
+def test_shared_prefix_generation_equals_separate_prompts(model, tok):
+    torch.manual_seed(4)
+    start = prompt(tok, model, "Question: ")
+    prompts = [start + tok.encode(q) for q in ("what colour?", "is it a big red circle, yes or no?", "count")]
+    image = torch.randn(1, 3, 32, 32)
+    separate = greedy(model, tok, prompts, image.expand(3, -1, -1, -1), True)
+    gen = GenerationConfig(max_new_tokens=12)
+    shared = generate(model, prompts, image, gen, set(), tok.decode, tok.special.eos, shared_prefix=len(start))
+    assert shared.token_ids == separate
+    with pytest.raises(ValueError, match="same 3 tokens"):  # the image tokens must lie in the prefix
+        generate(model, prompts, image, gen, set(), tok.decode, tok.special.eos, shared_prefix=3)
+
+
 def test_stop_tokens_stop_strings_and_streaming(model, tok):
     p = [prompt(tok, model, "x")]
     pixels = torch.randn(1, 3, 32, 32)

@@ -95,7 +95,7 @@ def cmd_chat(args) -> None:
 
 def cmd_predict(args) -> None:
     from .evaluate import run_predict
-    n = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size)
+    n = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size, precision=args.precision)
     print(f"wrote {n} predictions to {args.out}")
 
 
@@ -109,7 +109,7 @@ def cmd_eval(args) -> None:
     preds_path = args.predictions
     if args.model:
         preds_path = args.out_predictions or str(Path(args.model) / "predictions.jsonl")
-        run_predict(args.model, args.questions, preds_path, args.image_root, args.batch_size)
+        run_predict(args.model, args.questions, preds_path, args.image_root, args.batch_size, precision=args.precision)
     result = TASKS[args.task](args.questions, args.answers, read_predictions(preds_path))
     print(format_table(result))
     if args.out:
@@ -198,15 +198,20 @@ def _use_parsers(sub) -> None:
     p = sub.add_parser("predict", help="answer a questions JSONL file")
     p.add_argument("--model", required=True), p.add_argument("--questions", required=True)
     p.add_argument("--out", required=True), p.add_argument("--image-root")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32), _precision_arg(p)
     p.set_defaults(fn=cmd_predict)
     p = sub.add_parser("eval", help="score predictions (or a model) on a task")
     p.add_argument("--task", choices=["vqa"], default="vqa")
     p.add_argument("--questions", required=True), p.add_argument("--answers", required=True)
     p.add_argument("--model"), p.add_argument("--predictions")
     p.add_argument("--out", help="write the scores as JSON"), p.add_argument("--out-predictions")
-    p.add_argument("--image-root"), p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-root"), p.add_argument("--batch-size", type=int, default=32), _precision_arg(p)
     p.set_defaults(fn=cmd_eval)
+
+
+def _precision_arg(p) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: matmuls under bf16 autocast, faster on CPUs with bf16 units (default fp32)")
 
 
 def _data_parsers(sub) -> None:

@@ -25,15 +25,27 @@ def predict_vqa(
     assistant: Assistant, questions: list[Question], image_root: Path, batch_size: int = 32,
     gen: GenerationConfig = VQA_GENERATION, progress: bool = True,
 ) -> list[dict]:
-    rows, cache = [], {}
+    """Answers in question order. An image's questions are batched together, so the prompt start
+    they share (system prompt and image tokens) runs once per batch (`Assistant.answer_batch`)."""
+    answers, cache = {}, {}
     with tqdm(total=len(questions), desc="predict", disable=not progress, dynamic_ncols=True) as bar:
-        for i in range(0, len(questions), batch_size):
-            chunk = questions[i:i + batch_size]
+        for chunk in _batches(questions, batch_size):
             reqs = [Request([_image(image_root, q, cache)], [user_turn(q.text, 1)]) for q in chunk]
-            texts = assistant.answer_batch(reqs, gen)
-            rows += [{"question_id": q.question_id, "text": t} for q, t in zip(chunk, texts)]
+            for q, t in zip(chunk, assistant.answer_batch(reqs, gen)):
+                answers[id(q)] = t
             bar.update(len(chunk))
-    return rows
+    return [{"question_id": q.question_id, "text": answers[id(q)]} for q in questions]
+
+
+def _batches(questions: list[Question], batch_size: int) -> list[list[Question]]:
+    """Batches of one image's questions where it has several; the other questions batched together."""
+    by_image: dict[str, list[Question]] = {}
+    for q in questions:
+        by_image.setdefault(q.image, []).append(q)
+    shared = [g for g in by_image.values() if len(g) > 1]
+    singles = [g[0] for g in by_image.values() if len(g) == 1]
+    out = [g[i:i + batch_size] for g in shared for i in range(0, len(g), batch_size)]
+    return out + [singles[i:i + batch_size] for i in range(0, len(singles), batch_size)]
 
 
 def _image(root: Path, q: Question, cache: dict):
@@ -43,9 +55,9 @@ def _image(root: Path, q: Question, cache: dict):
 
 
 def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: str | None = None,
-                batch_size: int = 32, progress: bool = True) -> int:
+                batch_size: int = 32, progress: bool = True, precision: str = "fp32") -> int:
     questions = read_questions(questions_path)
-    assistant = Assistant.load(model_dir)
+    assistant = Assistant.load(model_dir, precision=precision)
     root = Path(image_root) if image_root else Path(questions_path).parent
     rows = predict_vqa(assistant, questions, root, batch_size, progress=progress)
     return write_predictions(out_path, rows)

@@ -65,17 +65,30 @@ def _pick(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator) -> 
 
 @torch.inference_mode()
 def generate_steps(
-    model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None, gen: GenerationConfig, pad_id: int
+    model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None, gen: GenerationConfig, pad_id: int,
+    shared_prefix: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row `(B,)`, step by step; the caller decides when to stop."""
+    """Yield the next token of every row `(B,)`, step by step; the caller decides when to stop.
+
+    `shared_prefix=P`: every prompt starts with the same P tokens, which hold all the image tokens,
+    and `pixel_values` are those images once. The prefix runs once and its keys and values are
+    copied to every row: the same answers as without it, for much less work when many questions
+    ask about one image.
+    """
     device = next(model.parameters()).device
-    ids, valid = _left_pad(prompts, pad_id, device)
-    B, L = ids.shape
     rng = torch.Generator(device="cpu").manual_seed(gen.seed)
-    embeds = model.embed_inputs(ids, pixel_values)  # (B, L, D)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache.empty(model.cfg.lm, B, L + gen.max_new_tokens, embeds.dtype, device) if gen.use_cache else None
-    hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache)
+    if shared_prefix:
+        hidden, positions, valid, cache = _prefill_shared(model, prompts, pixel_values, gen, pad_id, shared_prefix)
+        embeds = None
+    else:
+        ids, valid = _left_pad(prompts, pad_id, device)
+        L = ids.shape[1]
+        embeds = model.embed_inputs(ids, pixel_values)  # (B, L, D)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        cache = KVCache.empty(model.cfg.lm, len(prompts), L + gen.max_new_tokens, embeds.dtype, device) \
+            if gen.use_cache else None
+        hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache)
+    B = len(prompts)
     for _ in range(gen.max_new_tokens):
         token = _pick(model.lm.logits(hidden[:, -1]), gen, rng).to(device)  # (B,)
         yield token
@@ -88,6 +101,32 @@ def generate_steps(
         else:
             embeds, positions = torch.cat([embeds, new], 1), torch.cat([positions, step_pos], 1)
             hidden = model.lm(embeds, positions, _attn_mask(valid, valid.shape[1]))
+
+
+def _prefill_shared(model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None,
+                    gen: GenerationConfig, pad_id: int, P: int):
+    """The prefix once (batch 1), its keys/values copied to every row, then the left-padded suffixes."""
+    device = next(model.parameters()).device
+    prefix = prompts[0][:P]
+    if not gen.use_cache:
+        raise ValueError("shared_prefix needs use_cache=True")
+    if any(p[:P] != prefix or len(p) <= P or model.image_token_id in p[P:] for p in prompts):
+        raise ValueError(f"shared_prefix={P}: every prompt must start with the same {P} tokens, holding all its "
+                         "image tokens, and go on after them")
+    suffix_ids, suffix_valid = _left_pad([p[P:] for p in prompts], pad_id, device)
+    B, Ls = suffix_ids.shape
+    prefix_embeds = model.embed_inputs(torch.tensor([prefix], device=device), pixel_values)  # (1, P, D)
+    one = KVCache.empty(model.cfg.lm, 1, P, prefix_embeds.dtype, device)
+    model.lm(prefix_embeds, torch.arange(P, device=device)[None], None, one)
+    cache = KVCache.empty(model.cfg.lm, B, P + Ls + gen.max_new_tokens, prefix_embeds.dtype, device)
+    for layer in range(len(cache.k)):
+        cache.k[layer][:, :, :P] = one.k[layer]
+        cache.v[layer][:, :, :P] = one.v[layer]
+    cache.length = P
+    valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), suffix_valid], 1)
+    positions = (valid.long().cumsum(-1) - 1)[:, P:]
+    hidden = model.lm(model.lm.embed(suffix_ids), positions, _attn_mask(valid, Ls), cache)
+    return hidden, positions, valid, cache
 
 
 @dataclass
@@ -105,6 +144,7 @@ def generate(
     decode: Callable[[list[int]], str],
     pad_id: int,
     on_text: Callable[[str], None] | None = None,
+    shared_prefix: int = 0,
 ) -> Generated:
     """Generate until every row hit a stop token, a stop string, or max_new_tokens.
 
@@ -115,7 +155,7 @@ def generate(
     out: list[list[int]] = [[] for _ in prompts]
     texts, emitted = [""] * len(prompts), 0
     done = [False] * len(prompts)
-    for token in generate_steps(model, prompts, pixel_values, gen, pad_id):
+    for token in generate_steps(model, prompts, pixel_values, gen, pad_id, shared_prefix):
         for i, t in enumerate(token.tolist()):
             if done[i]:
                 continue
