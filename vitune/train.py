@@ -217,7 +217,7 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
 def run_stage(model, run: StageRun, start: int, global_step: int, cfg: Config, transform, tok,
               device, out: Path, metrics: MetricsLog, stop_after, log: Log, progress: bool) -> Position:
     stage = run.stage
-    log(f"stage {run.index + 1}/{len(cfg.train.stages)} {stage.name!r}: {len(run.data)} samples, "
+    log(f"stage {run.index + 1}/{len(cfg.train.stages)} {stage.name!r}: {len(run.data)} rows, "
         f"{run.total} steps, training {', '.join(stage.train)}")
     model.train()
     bar = tqdm(total=run.total, initial=start, desc=stage.name, disable=not progress, dynamic_ncols=True)
