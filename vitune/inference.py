@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .chat import Message, render, stop_token_id
+from .data.packing import common_prefix_len
 from .generate import GenerationConfig, generate
 from .model import VLM
 from .processor import ImageTransform
@@ -42,9 +43,7 @@ def shared_prefix_len(prompts: list[list[int]], reqs: list[Request], image_id: i
     if len(prompts) < 2 or any(len(r.images) != len(first) or any(a is not b for a, b in zip(r.images, first))
                                for r in reqs[1:]):
         return 0
-    p = min(len(x) for x in prompts) - 1
-    for x in prompts[1:]:
-        p = next((i for i in range(p) if x[i] != prompts[0][i]), p)
+    p = min(common_prefix_len(prompts), min(len(x) for x in prompts) - 1)
     return p if p > 0 and image_id not in prompts[0][p:] else 0
 
 

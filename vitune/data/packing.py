@@ -30,12 +30,17 @@ PREFIX_SEGMENT = 0
 Row = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the longest start all `seqs` share."""
+    p = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        p = next((i for i in range(p) if s[i] != seqs[0][i]), p)
+    return p
+
+
 def shared_prefix_len(rows: list[Row], image_id: int) -> int:
     """Tokens the rows can share (0: they cannot be packed)."""
-    first_ids = rows[0][0]
-    p = min(len(ids) for ids, _ in rows)
-    for ids, _ in rows[1:]:
-        p = next((i for i in range(p) if ids[i] != first_ids[i]), p)
+    p = common_prefix_len([ids for ids, _ in rows])
     for _, labels in rows:
         first_target = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
         p = min(p, first_target - 1)
@@ -59,7 +64,7 @@ def pack_group(rows: list[Row], max_len: int, image_id: int
         if cur is None or len(cur[0]) + len(suffix_ids) > max_len:
             cur = (list(prefix_ids), list(prefix_labels), [PREFIX_SEGMENT] * p)
             packed.append(cur)
-        seg = max(cur[2]) + 1
+        seg = cur[2][-1] + 1  # the last segment so far is the highest
         cur[0].extend(suffix_ids)
         cur[1].extend(suffix_labels)
         cur[2].extend([seg] * len(suffix_ids))
