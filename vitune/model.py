@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .data.packing import attention_layout
 from .connector import build_connector, merge_image_embeddings
+from .data.packing import attention_layout
 from .lm import LM
 from .lora import apply_lora, is_lora_key
 from .losses import lm_loss
