@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from vitune.data.processor import load_image
 from vitune.data.vqa_format import read_answers, read_questions
-from vitune.evaluate import VQA_GENERATION, predict_vqa
-from vitune.inference import Assistant, Request, user_turn
-from vitune.metrics import vqa_exact_match
-from vitune.processor import load_image
+from vitune.evaluation.metrics import vqa_exact_match
+from vitune.evaluation.runner import VQA_GENERATION, predict_vqa
+from vitune.inference.assistant import Assistant, Request, user_turn
 
 MODES = ("reference", "shared", "shared-bf16")
 

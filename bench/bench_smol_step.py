@@ -27,8 +27,8 @@ DEFAULT = ("packed:4:370", "causal:4:370", "packed:1:300", "packed:2:300", "pack
 def run_one(mode: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     import torch
 
+    from vitune.checkpoints.pretrained import build_vlm, pretrained_tokenizer
     from vitune.presets import smol
-    from vitune.pretrained import build_vlm, pretrained_tokenizer
     torch.set_num_threads(threads)
     cfg = smol().model
     tok = pretrained_tokenizer(cfg)

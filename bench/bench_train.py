@@ -125,7 +125,7 @@ def hf_config(cfg: ModelConfig):
 def build(spec: Spec, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if spec.impl == "vitune":
-        from vitune.model import VLM
+        from vitune.model.vlm import VLM
         return VLM(spec.cfg, image_token_id=IMAGE_ID)
     from transformers import LlavaForConditionalGeneration
     model = LlavaForConditionalGeneration(hf_config(spec.cfg))
@@ -226,7 +226,7 @@ def make_decoder(spec: Spec, precision: Precision, batch: int, new_tokens: int) 
     size = spec.cfg.vision.image_size
     pixels = torch.randn(batch, 3, size, size, generator=g).to(dtype)
     if spec.impl == "vitune":
-        from vitune.generate import GenerationConfig, generate
+        from vitune.inference.generate import GenerationConfig, generate
         gen, prompts = GenerationConfig(max_new_tokens=new_tokens), ids.tolist()
 
         def run() -> int:
@@ -322,7 +322,7 @@ def memory_probe(spec: Spec, precision: Precision, batch: int, steps: int, with_
     `with_transformers` imports transformers' model classes even for vitune, so that the
     baseline holds the same libraries and `peak - import` compares the training itself.
     """
-    import vitune.model  # noqa: F401
+    import vitune.model.vlm  # noqa: F401
     if spec.impl == "hf" or with_transformers:
         from transformers import CLIPVisionModel, LlamaModel, LlavaForConditionalGeneration  # noqa: F401
     base = peak_rss_mb()

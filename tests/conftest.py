@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vitune.tokenizer import byte_level  # noqa: E402
+from vitune.data.tokenizer import byte_level  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def write_json(path: Path, obj) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
-    from vitune.data.shapes import generate_shapes
+    from vitune.data.builtin.shapes import generate_shapes
     out = tmp_path_factory.mktemp("shapes")
     generate_shapes(out, n_train=48, n_test=8, seed=1, image_size=96)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vitune.lm import LM, KVCache
+from vitune.model.lm import LM, KVCache
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vitune.chat import IGNORE_INDEX, Message, format_masked, render, stop_token_id
+from vitune.data.chat import IGNORE_INDEX, Message, format_masked, render, stop_token_id
 
 
 def trained_text(tok, r) -> str:

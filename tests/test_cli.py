@@ -55,8 +55,9 @@ def test_batched_predictions_with_shared_prefixes_equal_one_by_one(run):
 
 def test_shared_prefix_needs_the_same_image_objects(tok):
     from PIL import Image
-    from vitune.chat import Message
-    from vitune.inference import Request, shared_prefix_len
+
+    from vitune.data.chat import Message
+    from vitune.inference.assistant import Request, shared_prefix_len
     a, b = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))
     img = tok.special.image
     prompts = [[1, img, img, 7, 8, 9], [1, img, img, 7, 5]]
@@ -68,7 +69,8 @@ def test_shared_prefix_needs_the_same_image_objects(tok):
 
 def test_eval_with_a_model_in_bf16(run, capsys, monkeypatch):
     import torch
-    from vitune.lm import LM
+
+    from vitune.model.lm import LM
     data, out = run
     dtypes = []
     original = LM.logits

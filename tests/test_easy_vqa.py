@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vitune.data.easy_vqa import answer_categories, convert_easy_vqa
+from vitune.data.builtin.easy_vqa import answer_categories, convert_easy_vqa
 from vitune.data.vqa_format import read_answers, read_questions
 from vitune.files import DataError
 

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 from tiny_hf import write_tiny_llama
 
-from vitune.chat import stop_token_id
+from vitune.checkpoints.export_hf import ExportError, check_exportable
+from vitune.checkpoints.model_folder import save_pretrained
 from vitune.cli import main
 from vitune.config import apply_overrides
-from vitune.export_hf import ExportError, check_exportable
-from vitune.generate import GenerationConfig, generate
-from vitune.inference import Assistant, Request, user_turn
-from vitune.lora import LoRALinear
+from vitune.data.chat import stop_token_id
+from vitune.inference.assistant import Assistant, Request, user_turn
+from vitune.inference.generate import GenerationConfig, generate
+from vitune.model.lora import LoRALinear
 from vitune.presets import tiny
-from vitune.train import build_model, build_tokenizer
-from vitune.weights import save_pretrained
+from vitune.training.train import build_model, build_tokenizer
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4

@@ -1,11 +1,11 @@
 """LLaVA records: every bad-record case fails with the record id, or is skipped and counted."""
 
 import pytest
-
 from conftest import write_json
+
 from vitune.data.dataset import BadRecords, encode_trainset, load_conversations
+from vitune.data.processor import ImageTransform
 from vitune.files import DataError
-from vitune.processor import ImageTransform
 
 GOOD = {"id": "ok", "image": "a.png", "conversations": [
     {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "noise"}]}

@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 from tiny_hf import write_tiny_llama
 
-from vitune.chat import Message, render
+from vitune.checkpoints.model_folder import load_pretrained, save_pretrained
 from vitune.cli import main
 from vitune.config import ConfigError, apply_overrides
-from vitune.generate import GenerationConfig, generate
-from vitune.lora import LoRALinear, is_lora_key, merge_lora
+from vitune.data.chat import Message, render
+from vitune.inference.generate import GenerationConfig, generate
+from vitune.model.lora import LoRALinear, is_lora_key, merge_lora
 from vitune.presets import tiny
-from vitune.train import build_model, build_tokenizer, train
-from vitune.weights import load_pretrained, save_pretrained
+from vitune.training.train import build_model, build_tokenizer, train
 
 pytest.importorskip("transformers")
 TOL = 1e-4
@@ -146,7 +146,7 @@ def test_lora_stage_without_adapters_is_refused(base):
 
 
 def test_lora_run_resumes_exactly_from_a_state_without_base_weights(trained, base, shapes_dir, tmp_path):
-    from vitune.metrics_log import read_metrics
+    from vitune.training.metrics_log import read_metrics
 
     data = {"align": str(shapes_dir / "align.json"), "instruct": str(shapes_dir / "instruct.json")}
     quiet = {"progress": False, "log": lambda s: None}
@@ -159,7 +159,7 @@ def test_lora_run_resumes_exactly_from_a_state_without_base_weights(trained, bas
 
 def test_text_only_chat_and_self_distilled_records(trained, base, capsys):
     from vitune.data.llava import parse_record
-    from vitune.data.text_chat import self_distill
+    from vitune.inference.text_chat import self_distill
 
     assert main(["chat", "--model", str(trained), "--max-new-tokens", "4", "hello"]) == 0  # no --image
     records, unfinished = self_distill(str(base), prompts=("hello", "what is a cat?", "name a color"),

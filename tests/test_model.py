@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from vitune.chat import IGNORE_INDEX
 from vitune.config import ConnectorConfig, VisionConfig
-from vitune.connector import ImageTokenMismatch, merge_image_embeddings, reduce_tokens
-from vitune.generate import GenerationConfig, generate
-from vitune.model import VLM
+from vitune.data.chat import IGNORE_INDEX
+from vitune.inference.generate import GenerationConfig, generate
+from vitune.model.connector import ImageTokenMismatch, merge_image_embeddings, reduce_tokens
+from vitune.model.vision import build_vision
+from vitune.model.vlm import VLM
 from vitune.presets import tiny
-from vitune.vision import build_vision
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_connector_config_reduces_image_tokens(tok):
 
 def test_lm_with_cache_and_no_mask_is_causal_with_offset(model):
     """Prefill then one-token steps through a cache, with mask=None, equal a single full pass."""
-    from vitune.lm import KVCache
+    from vitune.model.lm import KVCache
     lm = model.lm
     torch.manual_seed(4)
     x = torch.randn(1, 7, lm.cfg.dim)

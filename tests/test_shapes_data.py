@@ -14,10 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitune.data.shapes import DESCRIBE, generate_shapes
-from vitune.data.shapes_scene import (
-    CATEGORIES, COLORS, Scene, SceneObject, caption, make_question, make_scene, question_text,
-    render_scene, scene_answer,
+from vitune.data.builtin.shapes import DESCRIBE, generate_shapes
+from vitune.data.builtin.shapes_scene import (
+    CATEGORIES,
+    COLORS,
+    Scene,
+    SceneObject,
+    caption,
+    make_question,
+    make_scene,
+    question_text,
+    render_scene,
+    scene_answer,
 )
 from vitune.data.vqa_format import read_answers, read_questions
 

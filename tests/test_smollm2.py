@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
-
 from lm_greedy import greedy_continue
-from vitune.chat import Message, render
-from vitune.hf_import import convert_smollm2, load_hf_lm
+
+from vitune.checkpoints.hf_import import convert_smollm2, load_hf_lm
+from vitune.data.chat import Message, render
 
 pytestmark = [
     pytest.mark.slow,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from vitune.checkpoints.model_folder import load_pretrained
 from vitune.config import ConfigError, apply_overrides
-from vitune.metrics_log import read_metrics
 from vitune.presets import tiny
-from vitune.train import build_model, build_tokenizer, lr_factor, train
-from vitune.weights import load_pretrained
+from vitune.training.metrics_log import read_metrics
+from vitune.training.train import build_model, build_tokenizer, lr_factor, train
 
 
 def data(shapes_dir):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from vitune.data.vqa_format import Question, read_answers, read_predictions, read_questions, write_predictions
+from vitune.evaluation.metrics import format_table, normalize_answer, vqa_exact_match
 from vitune.files import DataError
-from vitune.metrics import format_table, normalize_answer, vqa_exact_match
 
 
 def write_lines(path, rows, blank_after_first=False):

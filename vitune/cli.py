@@ -14,12 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, apply_overrides, load_yaml
-from .files import DataError
+from vitune.config import ConfigError, apply_overrides, load_yaml
+from vitune.files import DataError
 
 
 def _config(args):
-    from .presets import preset
+    from vitune.presets import preset
     if bool(args.preset) == bool(args.config):
         raise ConfigError("give exactly one of --preset NAME or --config FILE.yaml")
     cfg = preset(args.preset) if args.preset else load_yaml(args.config)
@@ -41,7 +41,7 @@ def _data_map(items: list[str]) -> dict[str, str]:
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from vitune.training.train import train
     cfg = _config(args)
     data = _data_map(args.data)
     per_stage = {s.name: data.get(s.name) or data.get("*") or s.data for s in cfg.train.stages}
@@ -51,7 +51,7 @@ def cmd_train(args) -> None:
 
 
 def _gen(args):
-    from .generate import GenerationConfig
+    from vitune.inference.generate import GenerationConfig
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
 
@@ -69,9 +69,9 @@ def _printer():
 
 
 def cmd_chat(args) -> None:
-    from .chat import Message
-    from .inference import Assistant, Request, user_turn
-    from .processor import load_image
+    from vitune.data.chat import Message
+    from vitune.data.processor import load_image
+    from vitune.inference.assistant import Assistant, Request, user_turn
     assistant = Assistant.load(args.model)
     images = [load_image(p) for p in args.image]
     messages: list[Message] = []
@@ -94,16 +94,16 @@ def cmd_chat(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .evaluate import run_predict
+    from vitune.evaluation.runner import run_predict
     n = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size, precision=args.precision)
     print(f"wrote {n} predictions to {args.out}")
 
 
 def cmd_eval(args) -> None:
-    from .data.vqa_format import read_predictions
-    from .evaluate import TASKS, run_predict
-    from .files import atomic_write_json
-    from .metrics import format_table
+    from vitune.data.vqa_format import read_predictions
+    from vitune.evaluation.metrics import format_table
+    from vitune.evaluation.runner import TASKS, run_predict
+    from vitune.files import atomic_write_json
     if bool(args.model) == bool(args.predictions):
         raise ConfigError("give exactly one of --model DIR or --predictions FILE")
     preds_path = args.predictions
@@ -117,44 +117,44 @@ def cmd_eval(args) -> None:
 
 
 def cmd_data_shapes(args) -> None:
-    from .data.shapes import generate_shapes
+    from vitune.data.builtin.shapes import generate_shapes
     print(generate_shapes(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed))
 
 
 def cmd_data_easy_vqa(args) -> None:
-    from .data.easy_vqa import convert_easy_vqa
+    from vitune.data.builtin.easy_vqa import convert_easy_vqa
     print(convert_easy_vqa(args.out, max_train=args.max_train, max_test=args.max_test, seed=args.seed))
 
 
 def cmd_data_inspect(args) -> None:
-    from .inspect_data import inspect_record
+    from vitune.inspect_data import inspect_record
     print(inspect_record(args.file, args.index, args.template, args.model, args.preset,
                          args.image_root, color=sys.stdout.isatty() and not args.no_color))
 
 
 def cmd_quickstart(args) -> None:
-    from .quickstart import quickstart
+    from vitune.quickstart import quickstart
     quickstart(Path(args.out), n_train=args.n_train, n_test=args.n_test, seed=args.seed)
 
 
 def cmd_merge(args) -> None:
-    from .lora import merge_folder
+    from vitune.checkpoints.merge import merge_folder
     print(f"merged model saved to {merge_folder(args.model, args.out)}")
 
 
 def cmd_export(args) -> None:
-    from .export_hf import export_hf
+    from vitune.checkpoints.export_hf import export_hf
     print(f"exported to {export_hf(args.model, args.out)} (load with transformers' "
           "LlavaForConditionalGeneration / AutoProcessor)")
 
 
 def cmd_convert(args) -> None:
-    from .hf_import import convert_smollm2
+    from vitune.checkpoints.hf_import import convert_smollm2
     print(convert_smollm2(args.cache_dir))
 
 
 def cmd_data_text_chat(args) -> None:
-    from .data.text_chat import write_text_chat
+    from vitune.inference.text_chat import write_text_chat
     print(write_text_chat(args.out, args.lm, max_new_tokens=args.max_new_tokens))
 
 

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class VisionConfig:
     kind: Literal["vit", "cnn", "efficientnet_lite0"] = "vit"
-    # Weights to start from (see pretrained.py): "" = random init; "package:efficientnet-lite0"
+    # Weights to start from (see checkpoints/pretrained.py): "" = random init; "package:efficientnet-lite0"
     # (ImageNet, from the pip package); or a local HF CLIP/SigLIP folder (then the tower's shape
     # fields come from that checkpoint). The resolved config and the weights are saved with the model.
     pretrained: str = ""
@@ -81,7 +81,7 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Low-rank adapters on the LM's linear layers (lora.py); rank 0 = none."""
+    """Low-rank adapters on the LM's linear layers (model/lora.py); rank 0 = none."""
 
     rank: int = 0
     alpha: float = 16.0
@@ -94,7 +94,7 @@ TextAct = Literal["gelu", "gelu_tanh", "relu"]
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A BERT-family text / instruction encoder (text.py)."""
+    """A BERT-family text / instruction encoder (model/text_encoder.py)."""
 
     vocab_size: int = 30522
     dim: int = 384                # D_t
@@ -123,7 +123,7 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chat_template: Literal["plain", "chatml"] = "chatml"
     system_prompt: str = ""
-    # Pretrained LM to start from (pretrained.py): "" = random init; "smollm2-135m-instruct" (the
+    # Pretrained LM to start from (checkpoints/pretrained.py): "" = random init; "smollm2-135m-instruct" (the
     # packaged GGUF, converted once and cached) or a local HF Llama/Qwen2 folder. Its config (all of
     # `lm` but max_seq_len, which is capped by it) and its tokenizer replace `lm` and `tokenizer`.
     lm_pretrained: str = ""

@@ -4,22 +4,21 @@ trained tokens highlighted and the masked ones dim, so masking bugs are visible 
 
 from __future__ import annotations
 
-
-from .chat import IGNORE_INDEX, format_masked
-from .data.dataset import BadRecords, conversation_texts, load_conversations
-from .files import DataError
-from .processor import encode_conversation
-from .tokenizer import Tokenizer
+from vitune.data.chat import IGNORE_INDEX, format_masked
+from vitune.data.dataset import BadRecords, conversation_texts, load_conversations
+from vitune.data.processor import encode_conversation
+from vitune.data.tokenizer import Tokenizer
+from vitune.files import DataError
 
 
 def _tokenizer_and_image_tokens(model: str | None, preset_name: str, convs) -> tuple[Tokenizer, int, int, str]:
     if model:
-        from .weights import load_pretrained
+        from vitune.checkpoints.model_folder import load_pretrained
         vlm, tok = load_pretrained(model)
         return tok, vlm.n_image_tokens, vlm.cfg.lm.max_seq_len, vlm.cfg.system_prompt
-    from .model import VLM
-    from .presets import preset
-    from .train import build_tokenizer
+    from vitune.model.vlm import VLM
+    from vitune.presets import preset
+    from vitune.training.train import build_tokenizer
     cfg = preset(preset_name)
     tok = build_tokenizer(cfg, conversation_texts(convs))
     n_img = VLM(cfg.model, tok.special.image).n_image_tokens

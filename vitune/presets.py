@@ -17,8 +17,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import (Config, ConnectorConfig, LMConfig, LoRAConfig, ModelConfig, StageConfig, TokenizerConfig,
-                     TrainConfig, VisionConfig, validate)
+from vitune.config import (
+    Config,
+    ConnectorConfig,
+    LMConfig,
+    LoRAConfig,
+    ModelConfig,
+    StageConfig,
+    TokenizerConfig,
+    TrainConfig,
+    VisionConfig,
+    validate,
+)
 
 ALL_PARTS = ("vision", "connector", "lm")
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .data.shapes import generate_shapes
-from .data.vqa_format import read_predictions, read_questions
-from .evaluate import eval_vqa, run_predict
-from .files import atomic_write_json
-from .metrics import format_table
-from .presets import small
-from .train import train
+from vitune.data.builtin.shapes import generate_shapes
+from vitune.data.vqa_format import read_predictions, read_questions
+from vitune.evaluation.metrics import format_table
+from vitune.evaluation.runner import eval_vqa, run_predict
+from vitune.files import atomic_write_json
+from vitune.presets import small
+from vitune.training.train import train
 
 
 def quickstart(out: Path, n_train: int = 4000, n_test: int = 500, seed: int = 0) -> dict:

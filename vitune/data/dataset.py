@@ -14,11 +14,11 @@ from typing import Callable, Literal
 
 import torch
 
-from ..files import DataError, read_json_records
-from ..processor import Batch, ImageTransform, collate, encode_conversation, load_image
-from ..tokenizer import IMAGE_TOKEN, Tokenizer
-from .llava import Conversation, parse_record
-from .packing import pack_shared_prefix
+from vitune.data.llava import Conversation, parse_record
+from vitune.data.packing import pack_shared_prefix
+from vitune.data.processor import Batch, ImageTransform, collate, encode_conversation, load_image
+from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from vitune.files import DataError, read_json_records
 
 Policy = Literal["error", "skip"]
 Log = Callable[[str], None]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chat import Message
-from ..files import DataError
-from ..tokenizer import IMAGE_TOKEN
+from vitune.data.chat import Message
+from vitune.data.tokenizer import IMAGE_TOKEN
+from vitune.files import DataError
 
 # LLaVA / ShareGPT role names -> ours (an explicit table; anything else is an error).
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

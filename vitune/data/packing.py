@@ -7,7 +7,8 @@ a row holds the shared prefix once, then each question's own suffix:
     [system + <image x N> + "user\\n"] [question 1 + answer 1] [question 2 + answer 2] ...
      segment 0 (positions 0..P-1)      segment 1 (P..)         segment 2 (P..)
 
-`segments` gives every token its segment; the model turns it into an attention mask (a suffix
+`segments` gives every token its segment; the model turns it into an attention mask
+(`vitune.model.attention.attention_layout`) (a suffix
 token sees the prefix and earlier tokens of its own suffix, never another suffix) and positions
 (each suffix restarts at P). Each question's loss is therefore exactly what it is as a row of its
 own, which the tests check; nothing is read across questions, so answers cannot leak between them.
@@ -22,11 +23,8 @@ from __future__ import annotations
 
 from itertools import groupby
 
-import torch
+from vitune.conventions import IGNORE_INDEX, PREFIX_SEGMENT
 
-from ..chat import IGNORE_INDEX
-
-PREFIX_SEGMENT = 0
 Row = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
@@ -99,24 +97,3 @@ def pack_shared_prefix(rows: list[Row], images: list[list[int]], ids: list[str],
 def _append(out: tuple[list, list, list, list], row: Row, images: list[int], rid: str, segments: list[int] | None) -> None:
     for column, value in zip(out, (row, images, rid, segments)):
         column.append(value)
-
-
-def attention_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`segments (B, T)` -> (`positions (B, T)`, `mask (B, 1, T, T)` bool, True = may attend).
-
-    A token attends causally to the shared prefix (segment 0) and to its own segment; each segment
-    after the prefix restarts its positions where the prefix ends. Padding (segment -1) is a
-    segment like the others: it never reaches real tokens' outputs.
-    """
-    B, T = segments.shape
-    idx = torch.arange(T, device=segments.device).expand(B, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    to_prefix = (segments == PREFIX_SEGMENT)[:, None, :]
-    mask = causal & (same | to_prefix)
-    prefix_len = (segments == PREFIX_SEGMENT).sum(1, keepdim=True)  # the prefix is the rows' start
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    seg_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-    positions = torch.where(segments == PREFIX_SEGMENT, idx, prefix_len + idx - seg_start)
-    return positions, mask[:, None]

@@ -1,0 +1,99 @@
+"""Weights: the model folder format (`config.json` + `model.safetensors` + `tokenizer.json`).
+
+`save_pretrained` writes the whole folder atomically; `load_pretrained` rebuilds the VLM from
+`config.json` alone (no code-path guessing from folder names) and loads its tensors strictly.
+
+A part that starts from a pretrained source (`lm_pretrained`, `vision.pretrained`) and that no
+stage trained is not stored: `config.json` lists it under `from_base`, and loading takes it from
+that source again. A LoRA run's folder thus holds the connector and the adapters, not the 135 M
+frozen base weights; `vitune merge` writes a standalone folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitune import __version__
+from vitune.checkpoints.pretrained import base_state, pretrained_parts
+from vitune.config import Config, ModelConfig, dump_yaml, from_dict, to_dict
+from vitune.data.tokenizer import Tokenizer
+from vitune.files import atomic_dir
+from vitune.model.lora import is_lora_key
+from vitune.model.vlm import VLM
+
+FORMAT = "vitune-vlm"
+
+
+def state_dict_for_save(model: VLM) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; a tied LM head is stored once (as the embedding)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def untrained_base_parts(model: VLM, config: Config | None) -> list[str]:
+    """Pretrained parts that no stage of `config` trained (none without a config: store everything)."""
+    if config is None:
+        return []
+    trained = {p for s in config.train.stages for p in s.train}
+    return [p for p in pretrained_parts(model.cfg) if p not in trained]
+
+
+def _stored(key: str, from_base: list[str]) -> bool:
+    return key.split(".", 1)[0] not in from_base or is_lora_key(key)
+
+
+def stored_state(model: VLM, config: Config | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the tensors a folder stores, the parts it takes from their pretrained sources instead)."""
+    from_base = untrained_base_parts(model, config)
+    return {k: v for k, v in state_dict_for_save(model).items() if _stored(k, from_base)}, from_base
+
+
+def save_pretrained(model: VLM, tok: Tokenizer, folder: str | Path, config: Config | None = None) -> Path:
+    folder = Path(folder)
+    state, from_base = stored_state(model, config)
+    meta = {"format": FORMAT, "vitune_version": __version__, "image_token_id": model.image_token_id,
+            "from_base": from_base, "model": to_dict(model.cfg)}
+    with atomic_dir(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save(tmp)
+        if config is not None:
+            (tmp / "train_config.yaml").write_text(dump_yaml(config))
+    return folder
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """Accept a model folder or a training output folder (which holds `model/`)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    raise FileNotFoundError(f"{path}: not a vitune model folder (no config.json)")
+
+
+def read_meta(folder: Path) -> dict:
+    meta = json.loads((folder / "config.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+def read_model_config(folder: Path) -> tuple[ModelConfig, int]:
+    meta = read_meta(folder)
+    return from_dict(ModelConfig, meta["model"], f"{folder}/config.json:model"), int(meta["image_token_id"])
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[VLM, Tokenizer]:
+    folder = resolve_model_dir(path)
+    cfg, image_id = read_model_config(folder)
+    from_base = tuple(read_meta(folder).get("from_base", ()))
+    model = VLM(cfg, image_id)
+    state = base_state(cfg, from_base) if from_base else {}
+    model.load_state_dict({**state, **load_file(str(folder / "model.safetensors"))}, strict=True)
+    model.to(device=device, dtype=dtype).eval()
+    return model, Tokenizer.load(folder)

@@ -1,0 +1,7 @@
+"""The few values data and model must agree on, owned by neither: how a label says "no loss here"
+and how packed rows number their segments. Both `vitune.data` and `vitune.model` import them.
+"""
+
+IGNORE_INDEX = -100  # a label position without loss (PyTorch's cross-entropy default)
+PREFIX_SEGMENT = 0  # packed rows: the shared prefix (system prompt, image tokens) every segment sees
+PAD_SEGMENT = -1  # packed rows: padding, a segment that no real token attends to

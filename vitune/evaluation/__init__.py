@@ -1,0 +1,4 @@
+"""Evaluation: task runners (`runner`: predict, then score) and metrics (`metrics`).
+
+May import: what `vitune.inference` may, and `vitune.inference`.
+"""

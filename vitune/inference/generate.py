@@ -1,0 +1,193 @@
+"""Decoding: greedy or sampled (temperature, top-p) generation with a KV cache, for batches of
+prompts with images, with stop tokens, stop strings and streaming.
+
+Prompts are left-padded; each row's positions count its own tokens only, and a pad query
+attends to itself alone (never a fully-masked row). `use_cache=False` recomputes the whole
+sequence every step: slower, and the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from vitune.model.lm import KVCache
+from vitune.model.vlm import VLM
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0        # 0: greedy
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, L - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
+def _attn_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """`(B, 1, q_len, S)`: causal over the last q_len of S positions, keys must be valid (or self)."""
+    B, S = valid.shape
+    q_pos = torch.arange(S - q_len, S, device=valid.device)[:, None]
+    k_pos = torch.arange(S, device=valid.device)[None, :]
+    return ((k_pos <= q_pos) & valid[:, None, :] | (k_pos == q_pos))[:, None]
+
+
+def _pick(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator) -> torch.Tensor:
+    if gen.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+    if gen.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > gen.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None, gen: GenerationConfig, pad_id: int,
+    shared_prefix: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row `(B,)`, step by step; the caller decides when to stop.
+
+    `shared_prefix=P`: every prompt starts with the same P tokens, which hold all the image tokens,
+    and `pixel_values` are those images once. The prefix runs once and its keys and values are
+    copied to every row: the same answers as without it, for much less work when many questions
+    ask about one image.
+    """
+    device = next(model.parameters()).device
+    rng = torch.Generator(device="cpu").manual_seed(gen.seed)
+    if shared_prefix:
+        hidden, positions, valid, cache = _prefill_shared(model, prompts, pixel_values, gen, pad_id, shared_prefix)
+        embeds = None
+    else:
+        ids, valid = _left_pad(prompts, pad_id, device)
+        L = ids.shape[1]
+        embeds = model.embed_inputs(ids, pixel_values)  # (B, L, D)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        cache = KVCache.empty(model.cfg.lm, len(prompts), L + gen.max_new_tokens, embeds.dtype, device) \
+            if gen.use_cache else None
+        hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache)
+    B = len(prompts)
+    for _ in range(gen.max_new_tokens):
+        token = _pick(model.lm.logits(hidden[:, -1]), gen, rng).to(device)  # (B,)
+        yield token
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        step_pos = positions[:, -1:] + 1
+        new = model.lm.embed(token[:, None])  # (B, 1, D)
+        if cache is not None:
+            positions = step_pos
+            hidden = model.lm(new, step_pos, _attn_mask(valid, 1), cache)
+        else:
+            embeds, positions = torch.cat([embeds, new], 1), torch.cat([positions, step_pos], 1)
+            hidden = model.lm(embeds, positions, _attn_mask(valid, valid.shape[1]))
+
+
+def _prefill_shared(model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None,
+                    gen: GenerationConfig, pad_id: int, P: int):
+    """The prefix once (batch 1), its keys/values copied to every row, then the left-padded suffixes."""
+    device = next(model.parameters()).device
+    prefix = prompts[0][:P]
+    if not gen.use_cache:
+        raise ValueError("shared_prefix needs use_cache=True")
+    if any(p[:P] != prefix or len(p) <= P or model.image_token_id in p[P:] for p in prompts):
+        raise ValueError(f"shared_prefix={P}: every prompt must start with the same {P} tokens, holding all its "
+                         "image tokens, and go on after them")
+    suffix_ids, suffix_valid = _left_pad([p[P:] for p in prompts], pad_id, device)
+    B, Ls = suffix_ids.shape
+    prefix_embeds = model.embed_inputs(torch.tensor([prefix], device=device), pixel_values)  # (1, P, D)
+    one = KVCache.empty(model.cfg.lm, 1, P, prefix_embeds.dtype, device)
+    model.lm(prefix_embeds, torch.arange(P, device=device)[None], None, one)
+    cache = KVCache.empty(model.cfg.lm, B, P + Ls + gen.max_new_tokens, prefix_embeds.dtype, device)
+    for layer in range(len(cache.k)):
+        cache.k[layer][:, :, :P] = one.k[layer]
+        cache.v[layer][:, :, :P] = one.v[layer]
+    cache.length = P
+    valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), suffix_valid], 1)
+    positions = (valid.long().cumsum(-1) - 1)[:, P:]
+    hidden = model.lm(model.lm.embed(suffix_ids), positions, _attn_mask(valid, Ls), cache)
+    return hidden, positions, valid, cache
+
+
+@dataclass
+class Generated:
+    token_ids: list[list[int]]
+    texts: list[str]
+
+
+def generate(
+    model: VLM,
+    prompts: list[list[int]],
+    pixel_values: torch.Tensor | None,
+    gen: GenerationConfig,
+    stop_ids: set[int],
+    decode: Callable[[list[int]], str],
+    pad_id: int,
+    on_text: Callable[[str], None] | None = None,
+    shared_prefix: int = 0,
+) -> Generated:
+    """Generate until every row hit a stop token, a stop string, or max_new_tokens.
+
+    `on_text` (batch of one only) receives text deltas as they are decoded: streaming.
+    """
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("streaming needs a batch of one prompt")
+    out: list[list[int]] = [[] for _ in prompts]
+    texts, emitted = [""] * len(prompts), 0
+    done = [False] * len(prompts)
+    for token in generate_steps(model, prompts, pixel_values, gen, pad_id, shared_prefix):
+        for i, t in enumerate(token.tolist()):
+            if done[i]:
+                continue
+            if t in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(t)
+            texts[i] = decode(out[i])
+            hit = [texts[i].index(s) for s in gen.stop_strings if s in texts[i]]
+            if hit:
+                texts[i], done[i] = texts[i][: min(hit)], True
+        if on_text is not None:
+            emitted = _stream(texts[0], emitted, gen.stop_strings, done[0], on_text)
+        if all(done):
+            break
+    if on_text is not None:
+        _stream(texts[0], emitted, (), True, on_text)
+    return Generated(out, texts)
+
+
+def _stream(text: str, emitted: int, stops: tuple[str, ...], final: bool, on_text: Callable[[str], None]) -> int:
+    """Emit `text[emitted:]`, holding back a partial UTF-8 char or a possible stop-string prefix."""
+    end = len(text)
+    if not final:
+        if text.endswith("\ufffd"):
+            end -= 1
+        for s in stops:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if text[:end].endswith(s[:k]):
+                    end = min(end, len(text[:end]) - k)
+                    break
+    if end > emitted:
+        on_text(text[emitted:end])
+        return end
+    return emitted

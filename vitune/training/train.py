@@ -1,0 +1,251 @@
+"""Training: one importable loop over the stages of a config, made of named steps.
+
+    train(cfg, data, out)                 all stages, then OUT/model (the usable model folder)
+      prepare_data -> build_tokenizer -> build_model -> run_stage (per stage) -> save_pretrained
+
+Each stage says which parts train and at which learning rates (AdamW groups, warmup + cosine).
+Gradient accumulation normalises the loss by the target tokens of the whole accumulated batch.
+The state is saved every `save_every` steps and at each stage end; `resume=True` continues from
+it and reproduces the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vitune.checkpoints.model_folder import save_pretrained
+from vitune.checkpoints.pretrained import build_vlm, pretrained_tokenizer
+from vitune.checkpoints.training_state import Position, load_state, read_position, save_state
+from vitune.config import Config, StageConfig, TrainConfig, dump_yaml
+from vitune.data.dataset import (
+    BadRecords,
+    BatchOrder,
+    TrainSet,
+    conversation_texts,
+    encode_trainset,
+    load_conversations,
+    make_batch,
+    mix_in,
+    pack_trainset,
+)
+from vitune.data.processor import ImageTransform, measure_stats
+from vitune.data.tokenizer import Tokenizer, byte_level, train_bpe
+from vitune.files import atomic_write_text
+from vitune.model.vlm import VLM
+from vitune.training.metrics_log import MetricsLog
+
+Log = Callable[[str], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_tokenizer(cfg: Config, texts: list[str]) -> Tokenizer:
+    tk = cfg.model.tokenizer
+    if cfg.model.lm_pretrained:  # the pretrained LM's own tokenizer, `<image>` added
+        return pretrained_tokenizer(cfg.model)
+    if tk.kind == "byte":
+        return byte_level()
+    # the chat templates' own words (role names) are part of every rendered sample
+    return train_bpe(texts + ["system\n", "user\n", "assistant\n"] * 100, tk.vocab_size)
+
+
+def build_model(cfg: Config, tok: Tokenizer) -> VLM:
+    # A pretrained LM keeps its table: the added `<image>` id lies past it (LM.embed clamps it).
+    m = cfg.model if cfg.model.lm_pretrained else replace(cfg.model, lm=replace(cfg.model.lm, vocab_size=tok.vocab_size))
+    return build_vlm(m, tok.special.image)  # pretrained parts: config and weights from their checkpoints
+
+
+def stage_steps(stage: StageConfig, n_rows: int) -> int:
+    if stage.steps > 0:
+        return stage.steps
+    per_step = min(stage.batch_size, n_rows) * stage.grad_accum
+    return max(1, math.ceil(stage.epochs * n_rows / per_step))
+
+
+def lr_factor(step: int, total: int, stage: StageConfig) -> float:
+    """Linear warmup to 1, then cosine to `min_lr_ratio`."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    t = (step - stage.warmup_steps) / max(1, total - stage.warmup_steps)
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def build_optimizer(model: VLM, stage: StageConfig, tc: TrainConfig) -> torch.optim.AdamW:
+    groups = model.param_groups()
+    lrs = {"vision": stage.lr_vision, "connector": stage.lr_connector, "lm": stage.lr_lm, "lora": stage.lr_lora}
+    for part, params in groups.items():
+        for p in params:
+            p.requires_grad_(part in stage.train)
+    param_groups = []
+    for part in stage.train:
+        decay = [p for p in groups[part] if p.ndim >= 2]
+        no_decay = [p for p in groups[part] if p.ndim < 2]
+        param_groups += [{"params": decay, "lr": lrs[part], "base_lr": lrs[part], "weight_decay": tc.weight_decay},
+                         {"params": no_decay, "lr": lrs[part], "base_lr": lrs[part], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(0.9, 0.95))
+
+
+@dataclass
+class StageRun:
+    """What one stage needs to run: its data, order, optimizer and step counts."""
+
+    index: int
+    stage: StageConfig
+    data: TrainSet
+    order: BatchOrder
+    optimizer: torch.optim.AdamW
+    total: int
+
+
+def train_step(model: VLM, run: StageRun, step: int, cfg: Config, transform: ImageTransform,
+               pad_id: int, device: torch.device) -> tuple[float, int, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns (loss, tokens, samples)."""
+    stage, tc = run.stage, cfg.train
+    for g in run.optimizer.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor(step, run.total, stage)
+    micro = [make_batch(run.data, run.order.indices(step * stage.grad_accum + a), transform, pad_id)
+             for a in range(stage.grad_accum)]
+    n_targets = sum(b.n_targets for b in micro)
+    total_loss = 0.0
+    for b in micro:
+        b = b.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            loss, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments)
+        loss.backward()
+        total_loss += loss.item()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], tc.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b.input_ids.numel()) for b in micro)
+    return total_loss, tokens, sum(b.input_ids.shape[0] for b in micro)
+
+
+@dataclass
+class Prepared:
+    convs: list[list]
+    bad: BadRecords
+
+
+def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log: Log) -> Prepared:
+    bad = BadRecords(cfg.train.on_bad_record, log)
+    convs = []
+    for s in cfg.train.stages:
+        path = data.get(s.name) or s.data
+        if not path:
+            raise ValueError(f"stage {s.name!r} has no data: pass --data {s.name}=FILE or set train.stages.N.data")
+        extra = [c for p in s.mix_data for c in load_conversations(p, None, bad)]
+        convs.append(mix_in(load_conversations(path, image_root, bad), extra, s.mix_fraction))
+    return Prepared(convs, bad)
+
+
+def with_image_stats(cfg: Config, prep: Prepared, log: Log) -> Config:
+    """Fill image_mean/std from the training images when the vision config asks for it."""
+    v = cfg.model.vision
+    if not v.stats_from_data:
+        return cfg
+    paths = [p for convs in prep.convs for c in convs for p in c.images]
+    mean, std = measure_stats(paths, v.image_size)
+    log(f"image statistics from the training data: mean {mean}, std {std}")
+    return replace(cfg, model=replace(cfg.model, vision=replace(v, image_mean=mean, image_std=std)))
+
+
+def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = False,
+          image_root: str | None = None, stop_after: int | None = None, log: Log = print,
+          progress: bool = True) -> Path:
+    """Run every stage; returns the model folder. `stop_after` (global steps) simulates a stop."""
+    out = Path(out)
+    tc = cfg.train
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    device = pick_device(tc.device)
+    seed_everything(tc.seed)
+    prep = prepare_data(cfg, data, image_root, log)
+    cfg = with_image_stats(cfg, prep, log)
+    state_dir = out / "state"
+    if resume and not (state_dir / "trainer.json").is_file():
+        raise FileNotFoundError(f"--resume: no training state in {state_dir}")
+    tok = Tokenizer.load(state_dir) if resume else build_tokenizer(cfg, conversation_texts([c for cs in prep.convs for c in cs]))
+    model = build_model(cfg, tok).to(device)
+    pos = read_position(state_dir) if resume else Position()
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    metrics = MetricsLog(out, truncate_after=pos.global_step if resume else 0)
+    transform = ImageTransform.for_vision(cfg.model.vision)
+    loaded = not resume
+    for si, stage in enumerate(tc.stages):
+        if si < pos.stage:
+            continue
+        ts = encode_trainset(prep.convs[si], tok, stage.template, transform, model.n_image_tokens,
+                             cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt)
+        if stage.packing == "shared_prefix":
+            n_samples = len(ts)
+            ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
+            log(f"stage {stage.name!r}: {n_samples} samples packed into {len(ts)} rows (shared prefix)")
+        order = BatchOrder([len(r[0]) for r in ts.rows], stage.batch_size, tc.seed + si, tc.group_by_length)
+        run = StageRun(si, stage, ts, order,
+                       build_optimizer(model, stage, tc), stage_steps(stage, len(ts)))
+        start = pos.step if si == pos.stage else 0
+        if start >= run.total:
+            continue
+        if not loaded:
+            load_state(state_dir, model, run.optimizer if start > 0 else None)
+            loaded = True
+        pos = run_stage(model, run, start, pos.global_step, cfg, transform, tok, device, out, metrics,
+                        stop_after, log, progress)
+        if stop_after is not None and pos.global_step >= stop_after:
+            metrics.close()
+            log(f"stopped after {pos.global_step} steps; continue with --resume")
+            return out / "model"
+    if not loaded:  # every stage was already complete in the saved state
+        load_state(state_dir, model, None)
+    if prep.bad.skipped:
+        log(f"{prep.bad.skipped} bad record(s) skipped in total (see the messages above)")
+    metrics.close()
+    return save_pretrained(model, tok, out / "model", cfg)
+
+
+def run_stage(model, run: StageRun, start: int, global_step: int, cfg: Config, transform, tok,
+              device, out: Path, metrics: MetricsLog, stop_after, log: Log, progress: bool) -> Position:
+    stage = run.stage
+    log(f"stage {run.index + 1}/{len(cfg.train.stages)} {stage.name!r}: {len(run.data)} rows, "
+        f"{run.total} steps, training {', '.join(stage.train)}")
+    model.train()
+    bar = tqdm(total=run.total, initial=start, desc=stage.name, disable=not progress, dynamic_ncols=True)
+    pos = Position(run.index, start, global_step)
+    t0, tok_count = time.perf_counter(), 0
+    for step in range(start, run.total):
+        loss, n_tok, n_samples = train_step(model, run, step, cfg, transform, tok.special.eos, device)
+        tok_count += n_tok
+        pos = Position(run.index, step + 1, pos.global_step + 1)
+        dt = time.perf_counter() - t0
+        metrics.write({"stage": stage.name, "step": step + 1, "global_step": pos.global_step, "loss": loss,
+                       "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_count / dt})
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_count / dt:.0f}")
+        bar.update(1)
+        stopping = stop_after is not None and pos.global_step >= stop_after
+        every = cfg.train.save_every
+        if stopping or step + 1 == run.total or (every and (step + 1) % every == 0):
+            save_state(out / "state", model, run.optimizer, pos, tok, cfg)
+        if stopping:
+            break
+    bar.close()
+    return pos
