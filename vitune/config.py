@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-Part = Literal["vision", "connector", "lm", "lora"]
+Part = Literal["vision", "fusion", "connector", "lm", "lora"]
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,41 @@ class TextConfig:
     max_len: int = 512            # tokenizer truncation (sentence-transformers' max_seq_length)
     normalize: bool = True        # L2-normalise pooled embeddings
 
+
+FusionKind = Literal["projector", "film", "qformer"]
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How the instruction shapes what the LM sees of the image (model/fusion.py).
+
+    - `projector`: none; LLaVA's image tokens, the same whatever is asked.
+    - `film`: the instruction, encoded once (z = g(t), mean-pooled), scales and shifts the vision
+      tower's channels after every `film_every`-th block: h <- gamma(z) * h + beta(z), gamma = 1,
+      beta = 0 at init (the unconditioned tower).
+    - `qformer`: `queries` learned queries and the encoded instruction attend jointly, the queries
+      cross-attend to the image features (plus a 2-D position code); their outputs are the image
+      tokens (InstructBLIP's instruction-aware Q-Former).
+    The instruction of an image is the text of the user message that holds it (a chat's later
+    turns do not change the image tokens). `text` is the native instruction encoder, trained from
+    scratch over the LM's tokenizer (vocab_size and pad_id are set from it).
+    """
+
+    kind: FusionKind = "projector"
+    text: TextConfig = field(default_factory=lambda: TextConfig(dim=128, layers=2, heads=4, ffn_dim=256,
+                                                                max_positions=64, max_len=64, norm_eps=1e-5,
+                                                                normalize=False))
+    film_every: int = 1           # film: modulate after every k-th block of the tower
+    queries: int = 9              # qformer: K learned queries = image tokens per image
+    layers: int = 2               # qformer blocks
+    heads: int = 4                # qformer attention heads
+    dim: int = 0                  # qformer width (0: the vision width)
+
+    @property
+    def needs_instruction(self) -> bool:
+        return self.kind != "projector"
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: Literal["byte", "bpe"] = "bpe"   # byte: 256 byte tokens; bpe: trained on the training data
@@ -128,6 +163,7 @@ class ModelConfig:
     # `lm` but max_seq_len, which is capped by it) and its tokenizer replace `lm` and `tokenizer`.
     lm_pretrained: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 @dataclass(frozen=True)
@@ -141,6 +177,7 @@ class StageConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr_vision: float = 1e-4
+    lr_fusion: float = 1e-3
     lr_connector: float = 1e-3
     lr_lm: float = 1e-4
     lr_lora: float = 2e-4
@@ -302,6 +339,7 @@ def validate(cfg: Config) -> Config:
         (not (v.pretrained and v.stats_from_data), "model.vision.stats_from_data must be false for a pretrained "
          "tower: its image statistics are part of what it was trained with"),
     ]
+    checks += _fusion_checks(cfg)
     if cfg.model.connector.reduce != "none":
         g = v.image_size // v.patch_size
         checks.append((g % 2 == 0, f"model.connector.reduce={cfg.model.connector.reduce} needs an even grid, got {g}x{g}"))
@@ -318,3 +356,27 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(msg)
     return cfg
+
+
+def _fusion_checks(cfg: Config) -> list[tuple[bool, str]]:
+    f, v = cfg.model.fusion, cfg.model.vision
+    checks = [
+        (f.kind != "film" or v.kind in ("vit", "cnn"),
+         f"model.fusion.kind=film modulates a ViT or CNN tower, not model.vision.kind={v.kind!r}"),
+        (f.film_every >= 1, "model.fusion.film_every must be >= 1"),
+        (f.queries >= 1 and f.layers >= 1, "model.fusion.queries and model.fusion.layers must be >= 1"),
+        (f.kind != "qformer" or cfg.model.connector.reduce == "none",
+         "model.fusion.kind=qformer sets the number of image tokens itself (fusion.queries): "
+         "model.connector.reduce must be none"),
+        ((f.dim or v.width) % f.heads == 0, "model.fusion.dim (0: model.vision.width) must be divisible by fusion.heads"),
+        (f.text.dim % f.text.heads == 0, "model.fusion.text.dim must be divisible by fusion.text.heads"),
+    ]
+    for i, s in enumerate(cfg.train.stages):
+        checks += [
+            (not (f.needs_instruction and s.packing == "shared_prefix"),
+             f"train.stages.{i}.packing=shared_prefix shares one copy of the image tokens across questions, but "
+             f"model.fusion.kind={f.kind} makes them depend on each question: use packing=none"),
+            ("fusion" not in s.train or f.needs_instruction,
+             f"train.stages.{i}.train names 'fusion' but model.fusion.kind is projector (no fusion parameters)"),
+        ]
+    return checks

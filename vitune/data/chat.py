@@ -91,6 +91,18 @@ def render(
     return TEMPLATES[template](tok, messages, n_image_tokens, add_generation_prompt)
 
 
+def image_instructions(messages: list[Message]) -> list[str]:
+    """The instruction of every image, in order: the text of the user message that holds it,
+    without its `<image>` tags (what an instruction-conditioned fusion reads)."""
+    out: list[str] = []
+    for m in messages:
+        n = m.text.count(IMAGE_TOKEN)
+        if n:
+            text = " ".join(m.text.replace(IMAGE_TOKEN, " ").split())
+            out += [text] * n
+    return out
+
+
 def stop_token_id(tok: Tokenizer, template: str) -> int:
     """The token that ends an assistant turn in `template`."""
     return {"plain": tok.special.eos, "chatml": tok.special.im_end}[template]

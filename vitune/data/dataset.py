@@ -16,7 +16,7 @@ import torch
 
 from vitune.data.llava import Conversation, parse_record
 from vitune.data.packing import pack_shared_prefix
-from vitune.data.processor import Batch, ImageTransform, collate, encode_conversation, load_image
+from vitune.data.processor import Batch, ImageTransform, collate, encode_conversation, encode_instructions, load_image
 from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from vitune.files import DataError, read_json_records
 
@@ -69,6 +69,7 @@ class TrainSet:
     ids: list[str] = field(default_factory=list)
     bank: torch.Tensor | None = None                          # (n_unique, 3, S, S) uint8
     segments: list[list[int] | None] | None = None           # per row once packed (packing.py)
+    instructions: list[list[list[int]]] | None = None         # per row, per image: instruction ids
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,9 +77,10 @@ class TrainSet:
 
 def encode_trainset(
     convs: list[Conversation], tok: Tokenizer, template: str, transform: ImageTransform,
-    n_image_tokens: int, max_len: int, bad: BadRecords, system_prompt: str = "",
+    n_image_tokens: int, max_len: int, bad: BadRecords, system_prompt: str = "", instruction_len: int = 0,
 ) -> TrainSet:
-    ts, slots, decoded = TrainSet(), {}, []
+    """`instruction_len > 0`: also each image's instruction ids, at most that many tokens."""
+    ts, slots, decoded = TrainSet(instructions=[] if instruction_len else None), {}, []
     for conv in convs:
         where = f"record {conv.id!r}"
         try:
@@ -87,6 +89,8 @@ def encode_trainset(
         except DataError as e:
             bad.handle(e)
             continue
+        if ts.instructions is not None:
+            ts.instructions.append(encode_instructions(tok, list(conv.messages), instruction_len, where, bad.log))
         ts.rows.append((ids, labels))
         ts.images.append(idx)
         ts.ids.append(conv.id)
@@ -144,10 +148,14 @@ def make_batch(ts: TrainSet, rows: list[int], transform: ImageTransform, pad_id:
     img_idx = [i for r in rows for i in ts.images[r]]
     assert ts.bank is not None
     segments = None if ts.segments is None else [ts.segments[r] for r in rows]
-    return collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id, segments)
+    instr = None if ts.instructions is None else [x for r in rows for x in ts.instructions[r]]
+    return collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id, segments, instr)
 
 
 def pack_trainset(ts: TrainSet, max_len: int, image_id: int) -> TrainSet:
-    """The same samples with each image's questions packed behind one shared prefix (packing.py)."""
+    """The same samples with each image's questions packed behind one shared prefix (packing.py).
+    Instruction-conditioned image tokens cannot be shared (the config refuses that combination)."""
+    if ts.instructions is not None:
+        raise ValueError("shared-prefix packing shares image tokens that here depend on each question's instruction")
     rows, images, ids, segments = pack_shared_prefix(ts.rows, ts.images, ts.ids, max_len, image_id)
     return TrainSet(rows, images, ids, ts.bank, segments)

@@ -5,6 +5,7 @@
 - `encode_conversation`: render with the chat template, then fit to `max_seq_len` by cutting
   text only: never inside an image span. A record whose image tokens alone do not fit, or whose
   trained tokens would all be cut, is rejected with its id in the message.
+- `encode_instructions`: each image's instruction as token ids (for instruction-conditioned fusions).
 - `collate`: right-pads a list of samples into a `Batch`.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vitune.config import VisionConfig
 from vitune.conventions import IGNORE_INDEX, PAD_SEGMENT
-from vitune.data.chat import Message, render
+from vitune.data.chat import Message, image_instructions, render
 from vitune.data.tokenizer import Tokenizer
 from vitune.files import DataError
 
@@ -112,6 +114,30 @@ def encode_conversation(
     return fit_to_length(r.input_ids, r.labels, max_len, tok.special.image, where)
 
 
+def encode_instructions(tok: Tokenizer, messages: list[Message], max_len: int, where: str,
+                        warn: Callable[[str], None]) -> list[list[int]]:
+    """Token ids of each image's instruction: `im_start` (so none is empty) + the text, cut to
+    `max_len` tokens with a warning that names the record (never silently)."""
+    out = []
+    for text in image_instructions(messages):
+        ids = [tok.special.im_start] + tok.encode(text)
+        if len(ids) > max_len:
+            warn(f"{where}: instruction of {len(ids)} tokens cut to the instruction encoder's max_len={max_len}")
+            ids = ids[:max_len]
+        out.append(ids)
+    return out
+
+
+def pad_instructions(instructions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids `(n, L)` right-padded with `pad_id`, mask `(n, L)` True on real tokens)."""
+    L = max((len(x) for x in instructions), default=1)
+    ids = torch.full((len(instructions), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(instructions), L, dtype=torch.bool)
+    for i, x in enumerate(instructions):
+        ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x, dtype=torch.long), True
+    return ids, mask
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor      # (B, T)
@@ -119,19 +145,22 @@ class Batch:
     pixel_values: torch.Tensor   # (n_img, 3, S, S): the images of all rows, in order
     n_targets: int               # trained tokens in this batch (after the shift)
     segments: torch.Tensor | None = None  # (B, T) when a row is packed (data/packing.py); padding PAD_SEGMENT
+    instructions: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, mask) (n_img, L), one per image
 
     def to(self, device: torch.device | str) -> "Batch":
         segments = None if self.segments is None else self.segments.to(device)
+        instr = None if self.instructions is None else tuple(x.to(device) for x in self.instructions)
         return Batch(self.input_ids.to(device), self.labels.to(device), self.pixel_values.to(device), self.n_targets,
-                     segments)
+                     segments, instr)
 
 
 def collate(
     rows: list[tuple[list[int], list[int]]], images_uint8: torch.Tensor, transform: ImageTransform, pad_id: int,
-    segments: list[list[int] | None] | None = None,
+    segments: list[list[int] | None] | None = None, instructions: list[list[int]] | None = None,
 ) -> Batch:
     """Right-pad `(ids, labels)` rows; `images_uint8` are the rows' images in row order.
-    `segments` (per row, None for an unpacked row) are kept only when some row is packed."""
+    `segments` (per row, None for an unpacked row) are kept only when some row is packed;
+    `instructions` (one per image, in order) are padded into `Batch.instructions`."""
     T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
@@ -139,7 +168,9 @@ def collate(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(labs)] = torch.tensor(labs)
     n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(input_ids, labels, transform.normalize(images_uint8), n_targets, _segment_tensor(rows, segments, T))
+    instr = None if instructions is None else pad_instructions(instructions, pad_id)
+    return Batch(input_ids, labels, transform.normalize(images_uint8), n_targets, _segment_tensor(rows, segments, T),
+                 instr)
 
 
 def _segment_tensor(rows, segments: list[list[int] | None] | None, T: int) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ batches. Shared by `vitune chat`, `vitune predict` and `vitune eval --model`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ from PIL import Image
 from vitune.checkpoints.model_folder import load_pretrained
 from vitune.data.chat import Message, render, stop_token_id
 from vitune.data.packing import common_prefix_len
-from vitune.data.processor import ImageTransform
+from vitune.data.processor import ImageTransform, encode_instructions, pad_instructions
 from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from vitune.inference.generate import GenerationConfig, generate
 from vitune.model.vlm import VLM
@@ -45,6 +46,10 @@ def shared_prefix_len(prompts: list[list[int]], reqs: list[Request], image_id: i
         return 0
     p = min(common_prefix_len(prompts), min(len(x) for x in prompts) - 1)
     return p if p > 0 and image_id not in prompts[0][p:] else 0
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 class Assistant:
@@ -80,16 +85,25 @@ class Assistant:
         """Answers in request order. Requests about the same images (the same objects) whose prompts
         share their start run that start once (`generate`'s `shared_prefix`)."""
         prompts = [self.prompt_ids(r, gen.max_new_tokens) for r in reqs]
-        shared = shared_prefix_len(prompts, reqs, self.tok.special.image) if gen.use_cache else 0
+        conditioned = self.model.needs_instruction
+        shared = shared_prefix_len(prompts, reqs, self.tok.special.image) if gen.use_cache and not conditioned else 0
         images = reqs[0].images if shared else [im for r in reqs for im in r.images]
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         pixels = self.transform(images).to(device=device, dtype=dtype) if images else None
         stops = {stop_token_id(self.tok, self.template), self.tok.special.eos}
+        instr = self.instructions(reqs, device) if conditioned else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = generate(self.model, prompts, pixels, gen, stops, self.tok.decode, self.tok.special.eos, on_text,
-                           shared_prefix=shared)
+                           shared_prefix=shared, instructions=instr)
         return [t.strip() for t in out.texts]
+
+    def instructions(self, reqs: list[Request], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's instruction (the user message holding it), as the fusion reads them."""
+        max_len = self.model.cfg.fusion.text.max_len
+        ids = [x for i, r in enumerate(reqs)
+               for x in encode_instructions(self.tok, r.messages, max_len, f"request {i}", warn)]
+        return tuple(t.to(device) for t in pad_instructions(ids, self.tok.special.eos))
 
     def answer(self, req: Request, gen: GenerationConfig, on_text: Callable[[str], None] | None = None) -> str:
         return self.answer_batch([req], gen, on_text)[0]

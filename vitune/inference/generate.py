@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from vitune.model.lm import KVCache
-from vitune.model.vlm import VLM
+from vitune.model.vlm import VLM, Instructions
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,18 @@ def _pick(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator) -> 
 @torch.inference_mode()
 def generate_steps(
     model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None, gen: GenerationConfig, pad_id: int,
-    shared_prefix: int = 0,
+    shared_prefix: int = 0, instructions: Instructions | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row `(B,)`, step by step; the caller decides when to stop.
 
     `shared_prefix=P`: every prompt starts with the same P tokens, which hold all the image tokens,
     and `pixel_values` are those images once. The prefix runs once and its keys and values are
     copied to every row: the same answers as without it, for much less work when many questions
-    ask about one image.
+    ask about one image. `instructions`: each image's instruction ids and mask, for a model whose
+    image tokens depend on them (`VLM.needs_instruction`; then no shared prefix).
     """
+    if shared_prefix and model.needs_instruction:
+        raise ValueError("shared_prefix shares image tokens, but this model's depend on each instruction")
     device = next(model.parameters()).device
     rng = torch.Generator(device="cpu").manual_seed(gen.seed)
     if shared_prefix:
@@ -83,7 +86,7 @@ def generate_steps(
     else:
         ids, valid = _left_pad(prompts, pad_id, device)
         L = ids.shape[1]
-        embeds = model.embed_inputs(ids, pixel_values)  # (B, L, D)
+        embeds = model.embed_inputs(ids, pixel_values, instructions)  # (B, L, D)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         cache = KVCache.empty(model.cfg.lm, len(prompts), L + gen.max_new_tokens, embeds.dtype, device) \
             if gen.use_cache else None
@@ -145,6 +148,7 @@ def generate(
     pad_id: int,
     on_text: Callable[[str], None] | None = None,
     shared_prefix: int = 0,
+    instructions: Instructions | None = None,
 ) -> Generated:
     """Generate until every row hit a stop token, a stop string, or max_new_tokens.
 
@@ -155,7 +159,7 @@ def generate(
     out: list[list[int]] = [[] for _ in prompts]
     texts, emitted = [""] * len(prompts), 0
     done = [False] * len(prompts)
-    for token in generate_steps(model, prompts, pixel_values, gen, pad_id, shared_prefix):
+    for token in generate_steps(model, prompts, pixel_values, gen, pad_id, shared_prefix, instructions):
         for i, t in enumerate(token.tolist()):
             if done[i]:
                 continue

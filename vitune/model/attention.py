@@ -1,11 +1,16 @@
-"""Attention helpers shared by every block of the model: fp32 attention under autocast, and the
-masks and positions of rows packed behind a shared prefix (`vitune.data.packing` builds the
-segment ids; `vitune.conventions` numbers them).
+"""Attention shared by every block of the model: one multi-head attention (self and cross, with
+key masks and optional weights), fp32 attention under autocast, and the masks and positions of
+rows packed behind a shared prefix (`vitune.data.packing` builds the segment ids;
+`vitune.conventions` numbers them).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from vitune.conventions import PREFIX_SEGMENT
 
@@ -35,3 +40,43 @@ def attention_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     seg_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
     positions = torch.where(segments == PREFIX_SEGMENT, idx, prefix_len + idx - seg_start)
     return positions, mask[:, None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, self or cross, computed in fp32 (see `fp32_attention`); the one
+    implementation the vision tower, the fusions and the Q-Former share.
+
+        x (B, N, D) attends to kv (B, M, D_kv) (default: x itself) -> (B, N, D)
+        key_mask (B, M) bool, True = may be attended; `need_weights` also returns (B, H, N, M).
+
+    Parameter names follow CLIP's (`q_proj`, `k_proj`, `v_proj`, `out_proj`), so CLIP/SigLIP
+    towers load into it key by key.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k_proj, self.v_proj = nn.Linear(kv_dim or dim, dim), nn.Linear(kv_dim or dim, dim)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        kv = x if kv is None else kv
+        B, N, D = x.shape
+        q = self.q_proj(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, hd)
+        k, v = (p(kv).view(B, kv.shape[1], self.heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
+        with fp32_attention(x):
+            q, k, v = q.float(), k.float(), v.float()
+            if need_weights:
+                scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, N, M)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                weights = scores.softmax(-1)
+                y = weights @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(y.to(x.dtype).transpose(1, 2).reshape(B, N, D))
+        return (out, weights) if need_weights else out

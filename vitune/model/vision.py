@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitune.config import VisionConfig
-from vitune.model.attention import fp32_attention
+from vitune.model.attention import MultiHeadAttention
 from vitune.model.efficientnet import EfficientNetLite0
 
 ACTIVATIONS = {
@@ -47,19 +47,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)  # (grid*grid, dim)
 
 
-class VisionAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = (p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, hd)
-        with fp32_attention(x):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+# FiLM parameters for a tower: one (gamma, beta) pair per modulated layer, each (B, C).
+Modulation = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class VisionMLP(nn.Module):
@@ -76,7 +65,7 @@ class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.self_attn = VisionAttention(cfg.width, cfg.heads)
+        self.self_attn = MultiHeadAttention(cfg.width, cfg.heads)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
@@ -104,16 +93,26 @@ class ViT(nn.Module):
     def num_tokens(self) -> int:
         return self.grid**2
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def n_blocks(self) -> int:
+        """Blocks that run: hidden_states = [embeddings, block 1, ..., block L], indexed like HF's."""
+        return self.cfg.feature_layer % (len(self.layers) + 1)
+
+    def film_widths(self, every: int) -> list[int]:
+        """Channels of each layer FiLM modulates: the output of every `every`-th running block."""
+        return [self.cfg.width for i in range(self.n_blocks()) if (i + 1) % every == 0]
+
+    def forward(self, pixel_values: torch.Tensor, film: Modulation | None = None, every: int = 1) -> torch.Tensor:
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D_v)
         if self.class_embedding is not None:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D_v)
         x = self.pre_layrnorm(x + self.position_embedding.weight.to(x.dtype))
-        # hidden_states = [embeddings, block 1, ..., block L]; feature_layer indexes it like HF's.
-        n_blocks = self.cfg.feature_layer % (len(self.layers) + 1)
-        for block in self.layers[:n_blocks]:
+        mods = iter(film or ())
+        for i, block in enumerate(self.layers[: self.n_blocks()]):
             x = block(x)
+            if film is not None and (i + 1) % every == 0:
+                gamma, beta = next(mods)  # (B, D_v) each
+                x = gamma[:, None].to(x.dtype) * x + beta[:, None].to(x.dtype)
         return x[:, 1:] if self.class_embedding is not None else x  # (B, N, D_v)
 
 
@@ -125,12 +124,10 @@ class CNN(nn.Module):
         n_down = int(math.log2(cfg.patch_size))
         if 2**n_down != cfg.patch_size:
             raise ValueError(f"model.vision.patch_size must be a power of two for the CNN, got {cfg.patch_size}")
-        chans = [3] + [min(cfg.width, 32 * 2**i) for i in range(n_down)]
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.GroupNorm(1, cout), nn.GELU()]
-        layers.append(nn.Conv2d(chans[-1], cfg.width, 1))
-        self.net = nn.Sequential(*layers)
+        self.chans = [3] + [min(cfg.width, 32 * 2**i) for i in range(n_down)]
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.GroupNorm(1, cout))
+                                    for cin, cout in zip(self.chans[:-1], self.chans[1:]))
+        self.out = nn.Conv2d(self.chans[-1], cfg.width, 1)
         self.grid = cfg.image_size // cfg.patch_size
         self.position_embedding = nn.Parameter(sincos_2d(self.grid, cfg.width))
 
@@ -138,8 +135,19 @@ class CNN(nn.Module):
     def num_tokens(self) -> int:
         return self.grid**2
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.net(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D_v)
+    def film_widths(self, every: int) -> list[int]:
+        """Channels of each block FiLM modulates (after its norm, before the activation)."""
+        return [c for i, c in enumerate(self.chans[1:]) if (i + 1) % every == 0]
+
+    def forward(self, pixel_values: torch.Tensor, film: Modulation | None = None, every: int = 1) -> torch.Tensor:
+        x, mods = pixel_values, iter(film or ())
+        for i, block in enumerate(self.blocks):
+            x = block(x)  # (B, C, H, W)
+            if film is not None and (i + 1) % every == 0:
+                gamma, beta = next(mods)  # (B, C) each
+                x = gamma[:, :, None, None].to(x.dtype) * x + beta[:, :, None, None].to(x.dtype)
+            x = F.gelu(x)
+        x = self.out(x).flatten(2).transpose(1, 2)  # (B, N, D_v)
         return x + self.position_embedding.to(x.dtype)
 
 

@@ -71,6 +71,9 @@ def build_tokenizer(cfg: Config, texts: list[str]) -> Tokenizer:
 def build_model(cfg: Config, tok: Tokenizer) -> VLM:
     # A pretrained LM keeps its table: the added `<image>` id lies past it (LM.embed clamps it).
     m = cfg.model if cfg.model.lm_pretrained else replace(cfg.model, lm=replace(cfg.model.lm, vocab_size=tok.vocab_size))
+    # the instruction encoder reads the same token ids (all of them, `<image>` included)
+    text = replace(m.fusion.text, vocab_size=tok.vocab_size, pad_id=tok.special.eos)
+    m = replace(m, fusion=replace(m.fusion, text=text))
     return build_vlm(m, tok.special.image)  # pretrained parts: config and weights from their checkpoints
 
 
@@ -91,7 +94,8 @@ def lr_factor(step: int, total: int, stage: StageConfig) -> float:
 
 def build_optimizer(model: VLM, stage: StageConfig, tc: TrainConfig) -> torch.optim.AdamW:
     groups = model.param_groups()
-    lrs = {"vision": stage.lr_vision, "connector": stage.lr_connector, "lm": stage.lr_lm, "lora": stage.lr_lora}
+    lrs = {"vision": stage.lr_vision, "fusion": stage.lr_fusion, "connector": stage.lr_connector, "lm": stage.lr_lm,
+           "lora": stage.lr_lora}
     for part, params in groups.items():
         for p in params:
             p.requires_grad_(part in stage.train)
@@ -129,7 +133,8 @@ def train_step(model: VLM, run: StageRun, step: int, cfg: Config, transform: Ima
     for b in micro:
         b = b.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            loss, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments)
+            loss, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments,
+                            instructions=b.instructions)
         loss.backward()
         total_loss += loss.item()
     if tc.grad_clip > 0:
@@ -195,7 +200,8 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
         if si < pos.stage:
             continue
         ts = encode_trainset(prep.convs[si], tok, stage.template, transform, model.n_image_tokens,
-                             cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt)
+                             cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt,
+                             instruction_len=model.cfg.fusion.text.max_len if model.needs_instruction else 0)
         if stage.packing == "shared_prefix":
             n_samples = len(ts)
             ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
