@@ -118,8 +118,10 @@ def _cfg(*overrides):
     (["model.vision.pre_norm=false"], "neither CLIP's layout"),
     (["model.connector.hidden_dim=96"], "projector hidden width"),
     (["model.connector.slot_embedding=true"], "no per-slot position embedding"),
-    (["model.fusion.kind=film"], "fusion.kind=film: LLaVA's image tokens do not depend on the instruction"),
+    (["model.fusion.kind=film"], "fusion.kind=film: LLaVA has image tokens in the sequence that depend on neither"),
     (["model.fusion.kind=qformer"], "fusion.kind=qformer"),
+    (["model.fusion.kind=xattn"], "fusion.kind=xattn"),
+    (["model.contrastive.dim=8"], "no alignment head"),
 ])
 def test_unsupported_parts_are_refused_with_the_reason(overrides, reason):
     with pytest.raises(ExportError, match=reason):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-Part = Literal["vision", "fusion", "connector", "lm", "lora"]
+Part = Literal["vision", "fusion", "connector", "lm", "lora", "contrastive"]
 
 
 class ConfigError(ValueError):
@@ -110,7 +110,13 @@ class TextConfig:
     normalize: bool = True        # L2-normalise pooled embeddings
 
 
-FusionKind = Literal["projector", "film", "qformer"]
+def _small_text() -> TextConfig:
+    """The native from-scratch text encoder over the LM's tokenizer (vocab_size and pad_id set from it)."""
+    return TextConfig(dim=128, layers=2, heads=4, ffn_dim=256, max_positions=64, max_len=64, norm_eps=1e-5,
+                      normalize=False)
+
+
+FusionKind = Literal["projector", "film", "qformer", "xattn"]
 
 
 @dataclass(frozen=True)
@@ -124,24 +130,41 @@ class FusionConfig:
     - `qformer`: `queries` learned queries and the encoded instruction attend jointly, the queries
       cross-attend to the image features (plus a 2-D position code); their outputs are the image
       tokens (InstructBLIP's instruction-aware Q-Former).
+    - `xattn`: Flamingo's gated cross-attention (model/cross_attention.py): blocks before every
+      `xattn_every`-th decoder layer attend from the text to the image (through `latents` learned
+      resampler queries, or 0: every tower token), tanh gates at 0; the image takes one marker
+      position in the sequence instead of its tokens. `heads` is the blocks' head count.
     The instruction of an image is the text of the user message that holds it (a chat's later
     turns do not change the image tokens). `text` is the native instruction encoder, trained from
     scratch over the LM's tokenizer (vocab_size and pad_id are set from it).
     """
 
     kind: FusionKind = "projector"
-    text: TextConfig = field(default_factory=lambda: TextConfig(dim=128, layers=2, heads=4, ffn_dim=256,
-                                                                max_positions=64, max_len=64, norm_eps=1e-5,
-                                                                normalize=False))
+    text: TextConfig = field(default_factory=_small_text)
     film_every: int = 1           # film: modulate after every k-th block of the tower
     queries: int = 9              # qformer: K learned queries = image tokens per image
     layers: int = 2               # qformer blocks
     heads: int = 4                # qformer attention heads
     dim: int = 0                  # qformer width (0: the vision width)
+    xattn_every: int = 1          # xattn: a block before every k-th decoder layer
+    latents: int = 0              # xattn: Perceiver resampler queries (0: none)
 
     @property
     def needs_instruction(self) -> bool:
-        return self.kind != "projector"
+        return self.kind in ("film", "qformer")
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """Instruction-visual alignment (model/alignment.py): a text encoder g (its own, from scratch,
+    over the LM's tokenizer) and linear maps of g(t) and of the mean-pooled tower features into one
+    `dim`-d space; s = cos(z, v) / tau with tau learned, starting at `init_temperature` and clamped
+    at `min_temperature`. `dim = 0`: no alignment head. Trained by a stage's `contrastive_weight`."""
+
+    dim: int = 0
+    text: TextConfig = field(default_factory=_small_text)
+    init_temperature: float = 0.07
+    min_temperature: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -164,6 +187,7 @@ class ModelConfig:
     lm_pretrained: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
 
 @dataclass(frozen=True)
@@ -181,6 +205,7 @@ class StageConfig:
     lr_connector: float = 1e-3
     lr_lm: float = 1e-4
     lr_lora: float = 2e-4
+    lr_contrastive: float = 1e-3
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
     # Extra LLaVA files mixed into this stage (e.g. text-only chats that keep the LM's language
@@ -190,6 +215,11 @@ class StageConfig:
     # "shared_prefix": the questions about one image share one row behind a single copy of the
     # system prompt and image tokens, each seeing only that prefix and itself (data/packing.py).
     packing: Literal["none", "shared_prefix"] = "none"
+    # The stage's loss: lm_weight * LM loss + contrastive_weight * InfoNCE between each record's
+    # caption (its first answer) and its first image (model.contrastive). lm_weight 0 with a
+    # contrastive weight trains a dual encoder for retrieval alone.
+    lm_weight: float = 1.0
+    contrastive_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -340,6 +370,7 @@ def validate(cfg: Config) -> Config:
          "tower: its image statistics are part of what it was trained with"),
     ]
     checks += _fusion_checks(cfg)
+    checks += _contrastive_checks(cfg)
     if cfg.model.connector.reduce != "none":
         g = v.image_size // v.patch_size
         checks.append((g % 2 == 0, f"model.connector.reduce={cfg.model.connector.reduce} needs an even grid, got {g}x{g}"))
@@ -363,7 +394,12 @@ def _fusion_checks(cfg: Config) -> list[tuple[bool, str]]:
     checks = [
         (f.kind != "film" or v.kind in ("vit", "cnn"),
          f"model.fusion.kind=film modulates a ViT or CNN tower, not model.vision.kind={v.kind!r}"),
-        (f.film_every >= 1, "model.fusion.film_every must be >= 1"),
+        (f.film_every >= 1 and f.xattn_every >= 1, "model.fusion.film_every and xattn_every must be >= 1"),
+        (f.latents >= 0, "model.fusion.latents must be >= 0"),
+        (f.kind != "xattn" or cfg.model.lm.dim % f.heads == 0,
+         "model.fusion.kind=xattn: model.lm.dim must be divisible by model.fusion.heads"),
+        (f.kind != "xattn" or not f.latents or v.width % f.heads == 0,
+         "model.fusion.latents: model.vision.width must be divisible by model.fusion.heads"),
         (f.queries >= 1 and f.layers >= 1, "model.fusion.queries and model.fusion.layers must be >= 1"),
         (f.kind != "qformer" or cfg.model.connector.reduce == "none",
          "model.fusion.kind=qformer sets the number of image tokens itself (fusion.queries): "
@@ -373,10 +409,32 @@ def _fusion_checks(cfg: Config) -> list[tuple[bool, str]]:
     ]
     for i, s in enumerate(cfg.train.stages):
         checks += [
-            (not (f.needs_instruction and s.packing == "shared_prefix"),
-             f"train.stages.{i}.packing=shared_prefix shares one copy of the image tokens across questions, but "
-             f"model.fusion.kind={f.kind} makes them depend on each question: use packing=none"),
-            ("fusion" not in s.train or f.needs_instruction,
+            (f.kind == "projector" or s.packing == "none",
+             f"train.stages.{i}.packing=shared_prefix shares one copy of the image tokens across questions; "
+             f"model.fusion.kind={f.kind} has no such copy to share: use packing=none"),
+            ("fusion" not in s.train or f.kind != "projector",
              f"train.stages.{i}.train names 'fusion' but model.fusion.kind is projector (no fusion parameters)"),
+        ]
+    return checks
+
+
+def _contrastive_checks(cfg: Config) -> list[tuple[bool, str]]:
+    c = cfg.model.contrastive
+    checks = [
+        (c.dim >= 0, "model.contrastive.dim must be >= 0 (0: no alignment head)"),
+        (0 < c.min_temperature <= c.init_temperature, "model.contrastive: need 0 < min_temperature <= init_temperature"),
+        (c.text.dim % c.text.heads == 0, "model.contrastive.text.dim must be divisible by contrastive.text.heads"),
+    ]
+    for i, s in enumerate(cfg.train.stages):
+        checks += [
+            (s.lm_weight >= 0 and s.contrastive_weight >= 0 and s.lm_weight + s.contrastive_weight > 0,
+             f"train.stages.{i}: lm_weight and contrastive_weight must be >= 0, not both 0"),
+            (s.contrastive_weight == 0 or c.dim > 0,
+             f"train.stages.{i}.contrastive_weight > 0 needs an alignment head: set model.contrastive.dim"),
+            ("contrastive" not in s.train or c.dim > 0,
+             f"train.stages.{i}.train names 'contrastive' but model.contrastive.dim is 0 (no alignment head)"),
+            (s.contrastive_weight == 0 or s.packing == "none",
+             f"train.stages.{i}: contrastive_weight pairs each row with one caption; packing=shared_prefix "
+             "puts many in a row: use packing=none"),
         ]
     return checks

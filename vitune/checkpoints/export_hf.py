@@ -61,8 +61,10 @@ def check_exportable(cfg: ModelConfig) -> None:
     if c.slot_embedding:
         problems.append("connector.slot_embedding=True: LLaVA's projector has no per-slot position embedding")
     if cfg.fusion.kind != "projector":
-        problems.append(f"fusion.kind={cfg.fusion.kind}: LLaVA's image tokens do not depend on the instruction "
-                        "(only the projector exports)")
+        problems.append(f"fusion.kind={cfg.fusion.kind}: LLaVA has image tokens in the sequence that depend on "
+                        "neither the instruction nor cross-attention layers (only the projector exports)")
+    if cfg.contrastive.dim:
+        problems.append("contrastive.dim > 0: LLaVA has no alignment head (it would be dropped)")
     if c.hidden_dim not in (0, cfg.lm.dim):
         problems.append(f"connector.hidden_dim={c.hidden_dim}: LLaVA's projector hidden width is the LM's ({cfg.lm.dim})")
     if problems:

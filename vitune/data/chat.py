@@ -103,6 +103,12 @@ def image_instructions(messages: list[Message]) -> list[str]:
     return out
 
 
+def caption_text(messages: list[Message]) -> str | None:
+    """The text an alignment loss pairs with a record's image: its first assistant answer (a
+    caption record's caption), or None when it has none."""
+    return next((m.text for m in messages if m.role == "assistant"), None)
+
+
 def stop_token_id(tok: Tokenizer, template: str) -> int:
     """The token that ends an assistant turn in `template`."""
     return {"plain": tok.special.eos, "chatml": tok.special.im_end}[template]

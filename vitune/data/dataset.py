@@ -16,7 +16,17 @@ import torch
 
 from vitune.data.llava import Conversation, parse_record
 from vitune.data.packing import pack_shared_prefix
-from vitune.data.processor import Batch, ImageTransform, collate, encode_conversation, encode_instructions, load_image
+from vitune.data.processor import (
+    Batch,
+    CaptionPairs,
+    ImageTransform,
+    collate,
+    encode_caption,
+    encode_conversation,
+    encode_instructions,
+    load_image,
+    pad_instructions,
+)
 from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from vitune.files import DataError, read_json_records
 
@@ -70,6 +80,7 @@ class TrainSet:
     bank: torch.Tensor | None = None                          # (n_unique, 3, S, S) uint8
     segments: list[list[int] | None] | None = None           # per row once packed (packing.py)
     instructions: list[list[list[int]]] | None = None         # per row, per image: instruction ids
+    captions: list[list[int]] | None = None                   # per row: the caption ids of alignment
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,17 +89,23 @@ class TrainSet:
 def encode_trainset(
     convs: list[Conversation], tok: Tokenizer, template: str, transform: ImageTransform,
     n_image_tokens: int, max_len: int, bad: BadRecords, system_prompt: str = "", instruction_len: int = 0,
+    caption_len: int = 0,
 ) -> TrainSet:
-    """`instruction_len > 0`: also each image's instruction ids, at most that many tokens."""
-    ts, slots, decoded = TrainSet(instructions=[] if instruction_len else None), {}, []
+    """`instruction_len > 0`: also each image's instruction ids, at most that many tokens;
+    `caption_len > 0`: also each record's caption ids for the alignment loss."""
+    ts = TrainSet(instructions=[] if instruction_len else None, captions=[] if caption_len else None)
+    slots, decoded = {}, []
     for conv in convs:
         where = f"record {conv.id!r}"
         try:
             ids, labels = encode_conversation(tok, list(conv.messages), template, n_image_tokens, max_len, where, system_prompt)
+            caption = encode_caption(tok, list(conv.messages), caption_len, where, bad.log) if caption_len else None
             idx = [_bank_slot(p, where, slots, decoded, transform) for p in conv.images]
         except DataError as e:
             bad.handle(e)
             continue
+        if ts.captions is not None:
+            ts.captions.append(caption)
         if ts.instructions is not None:
             ts.instructions.append(encode_instructions(tok, list(conv.messages), instruction_len, where, bad.log))
         ts.rows.append((ids, labels))
@@ -149,12 +166,25 @@ def make_batch(ts: TrainSet, rows: list[int], transform: ImageTransform, pad_id:
     assert ts.bank is not None
     segments = None if ts.segments is None else [ts.segments[r] for r in rows]
     instr = None if ts.instructions is None else [x for r in rows for x in ts.instructions[r]]
-    return collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id, segments, instr)
+    batch = collate([ts.rows[r] for r in rows], ts.bank[img_idx], transform, pad_id, segments, instr)
+    if ts.captions is not None:
+        batch.pairs = _caption_pairs(ts, rows, pad_id)
+    return batch
+
+
+def _caption_pairs(ts: TrainSet, rows: list[int], pad_id: int) -> CaptionPairs:
+    assert ts.captions is not None
+    ids, mask = pad_instructions([ts.captions[r] for r in rows], pad_id)
+    first = torch.tensor([0] + [len(ts.images[r]) for r in rows[:-1]]).cumsum(0)  # row's first image in the batch
+    group = torch.tensor([ts.images[r][0] for r in rows])  # bank slot: one per distinct image
+    return CaptionPairs(ids, mask, first, group)
 
 
 def pack_trainset(ts: TrainSet, max_len: int, image_id: int) -> TrainSet:
     """The same samples with each image's questions packed behind one shared prefix (packing.py).
     Instruction-conditioned image tokens cannot be shared (the config refuses that combination)."""
+    if ts.captions is not None:
+        raise ValueError("shared-prefix packing puts many captions in a row; alignment pairs one per row")
     if ts.instructions is not None:
         raise ValueError("shared-prefix packing shares image tokens that here depend on each question's instruction")
     rows, images, ids, segments = pack_shared_prefix(ts.rows, ts.images, ts.ids, max_len, image_id)

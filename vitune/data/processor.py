@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from vitune.config import VisionConfig
 from vitune.conventions import IGNORE_INDEX, PAD_SEGMENT
-from vitune.data.chat import Message, image_instructions, render
-from vitune.data.tokenizer import Tokenizer
+from vitune.data.chat import Message, caption_text, image_instructions, render
+from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from vitune.files import DataError
 
 
@@ -128,6 +128,20 @@ def encode_instructions(tok: Tokenizer, messages: list[Message], max_len: int, w
     return out
 
 
+def encode_caption(tok: Tokenizer, messages: list[Message], max_len: int, where: str,
+                   warn: Callable[[str], None]) -> list[int]:
+    """Token ids of the text paired with a record's image for alignment (`caption_text`), cut to
+    `max_len` with a warning naming the record; a record without an image or an answer is refused."""
+    text = caption_text(messages)
+    if text is None or not any(IMAGE_TOKEN in m.text for m in messages):
+        raise DataError(f"{where}: an alignment (contrastive) stage needs an image and an answer in every record")
+    ids = [tok.special.im_start] + tok.encode(text)
+    if len(ids) > max_len:
+        warn(f"{where}: caption of {len(ids)} tokens cut to the text encoder's max_len={max_len}")
+        ids = ids[:max_len]
+    return ids
+
+
 def pad_instructions(instructions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ids `(n, L)` right-padded with `pad_id`, mask `(n, L)` True on real tokens)."""
     L = max((len(x) for x in instructions), default=1)
@@ -146,12 +160,27 @@ class Batch:
     n_targets: int               # trained tokens in this batch (after the shift)
     segments: torch.Tensor | None = None  # (B, T) when a row is packed (data/packing.py); padding PAD_SEGMENT
     instructions: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, mask) (n_img, L), one per image
+    pairs: CaptionPairs | None = None  # alignment: one (image, caption) pair per row
 
     def to(self, device: torch.device | str) -> "Batch":
         segments = None if self.segments is None else self.segments.to(device)
         instr = None if self.instructions is None else tuple(x.to(device) for x in self.instructions)
+        pairs = None if self.pairs is None else self.pairs.to(device)
         return Batch(self.input_ids.to(device), self.labels.to(device), self.pixel_values.to(device), self.n_targets,
-                     segments, instr)
+                     segments, instr, pairs)
+
+
+@dataclass
+class CaptionPairs:
+    """Row i's caption and its first image, for the alignment loss."""
+
+    ids: torch.Tensor        # (B, L) caption ids, right-padded
+    mask: torch.Tensor       # (B, L) True on real tokens
+    image: torch.Tensor      # (B,) index into Batch.pixel_values
+    group: torch.Tensor      # (B,) equal for rows of the same image (not each other's negatives)
+
+    def to(self, device: torch.device | str) -> "CaptionPairs":
+        return CaptionPairs(self.ids.to(device), self.mask.to(device), self.image.to(device), self.group.to(device))
 
 
 def collate(

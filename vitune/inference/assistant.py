@@ -86,7 +86,8 @@ class Assistant:
         share their start run that start once (`generate`'s `shared_prefix`)."""
         prompts = [self.prompt_ids(r, gen.max_new_tokens) for r in reqs]
         conditioned = self.model.needs_instruction
-        shared = shared_prefix_len(prompts, reqs, self.tok.special.image) if gen.use_cache and not conditioned else 0
+        can_share = gen.use_cache and self.model.shares_image_prefix
+        shared = shared_prefix_len(prompts, reqs, self.tok.special.image) if can_share else 0
         images = reqs[0].images if shared else [im for r in reqs for im in r.images]
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype

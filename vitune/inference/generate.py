@@ -76,21 +76,23 @@ def generate_steps(
     ask about one image. `instructions`: each image's instruction ids and mask, for a model whose
     image tokens depend on them (`VLM.needs_instruction`; then no shared prefix).
     """
-    if shared_prefix and model.needs_instruction:
-        raise ValueError("shared_prefix shares image tokens, but this model's depend on each instruction")
+    if shared_prefix and not model.shares_image_prefix:
+        raise ValueError(f"shared_prefix shares image tokens across questions; with model.fusion.kind="
+                         f"{model.cfg.fusion.kind} they depend on each question or are not in the sequence")
     device = next(model.parameters()).device
     rng = torch.Generator(device="cpu").manual_seed(gen.seed)
     if shared_prefix:
         hidden, positions, valid, cache = _prefill_shared(model, prompts, pixel_values, gen, pad_id, shared_prefix)
-        embeds = None
+        embeds, cross = None, None
     else:
         ids, valid = _left_pad(prompts, pad_id, device)
         L = ids.shape[1]
-        embeds = model.embed_inputs(ids, pixel_values, instructions)  # (B, L, D)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        # gated cross-attention: the images' keys/values are projected here, once, for every step
+        embeds, cross = model.prepare(ids, pixel_values, instructions, positions)  # (B, L, D)
         cache = KVCache.empty(model.cfg.lm, len(prompts), L + gen.max_new_tokens, embeds.dtype, device) \
             if gen.use_cache else None
-        hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache)
+        hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache, cross)
     B = len(prompts)
     for _ in range(gen.max_new_tokens):
         token = _pick(model.lm.logits(hidden[:, -1]), gen, rng).to(device)  # (B,)
@@ -100,10 +102,10 @@ def generate_steps(
         new = model.lm.embed(token[:, None])  # (B, 1, D)
         if cache is not None:
             positions = step_pos
-            hidden = model.lm(new, step_pos, _attn_mask(valid, 1), cache)
+            hidden = model.lm(new, step_pos, _attn_mask(valid, 1), cache, cross)
         else:
             embeds, positions = torch.cat([embeds, new], 1), torch.cat([positions, step_pos], 1)
-            hidden = model.lm(embeds, positions, _attn_mask(valid, valid.shape[1]))
+            hidden = model.lm(embeds, positions, _attn_mask(valid, valid.shape[1]), None, cross)
 
 
 def _prefill_shared(model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None,

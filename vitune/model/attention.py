@@ -61,13 +61,16 @@ class MultiHeadAttention(nn.Module):
         self.q_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.k_proj, self.v_proj = nn.Linear(kv_dim or dim, dim), nn.Linear(kv_dim or dim, dim)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        kv = x if kv is None else kv
+    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv (B, M, D_kv)` -> keys, values `(B, H, M, hd)`: computed once, attended many times."""
+        B, M, _ = kv.shape
+        return tuple(p(kv).view(B, M, self.heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`x (B, N, D)` against projected keys/values; `mask` bool, broadcastable to (B, H, N, M)."""
         B, N, D = x.shape
         q = self.q_proj(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, hd)
-        k, v = (p(kv).view(B, kv.shape[1], self.heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj))
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
         with fp32_attention(x):
             q, k, v = q.float(), k.float(), v.float()
             if need_weights:
@@ -80,3 +83,9 @@ class MultiHeadAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.out_proj(y.to(x.dtype).transpose(1, 2).reshape(B, N, D))
         return (out, weights) if need_weights else out
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.project_kv(x if kv is None else kv)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
+        return self.attend(x, k, v, mask, need_weights)

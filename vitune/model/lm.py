@@ -11,6 +11,7 @@ SmolLM2 and Qwen2 checkpoints load through an explicit key map (checkpoints/hf_i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,12 +146,16 @@ class LM(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        before_layer: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`inputs_embeds (B, T, D)`, `positions (B, T)`, `mask (B, 1, T, S)` bool or None (causal)."""
+        """`inputs_embeds (B, T, D)`, `positions (B, T)`, `mask (B, 1, T, S)` bool or None (causal).
+        `before_layer(i, x, positions) -> x` runs before decoder layer i (gated cross-attention)."""
         hd = self.cfg.head_dim or self.cfg.dim // self.cfg.heads
         cos, sin = rope_tables(hd, self.cfg.rope_theta, positions)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x, positions)
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += x.shape[1]

@@ -37,7 +37,7 @@ from vitune.data.dataset import (
     mix_in,
     pack_trainset,
 )
-from vitune.data.processor import ImageTransform, measure_stats
+from vitune.data.processor import Batch, ImageTransform, measure_stats
 from vitune.data.tokenizer import Tokenizer, byte_level, train_bpe
 from vitune.files import atomic_write_text
 from vitune.model.vlm import VLM
@@ -73,7 +73,8 @@ def build_model(cfg: Config, tok: Tokenizer) -> VLM:
     m = cfg.model if cfg.model.lm_pretrained else replace(cfg.model, lm=replace(cfg.model.lm, vocab_size=tok.vocab_size))
     # the instruction encoder reads the same token ids (all of them, `<image>` included)
     text = replace(m.fusion.text, vocab_size=tok.vocab_size, pad_id=tok.special.eos)
-    m = replace(m, fusion=replace(m.fusion, text=text))
+    ctext = replace(m.contrastive.text, vocab_size=tok.vocab_size, pad_id=tok.special.eos)
+    m = replace(m, fusion=replace(m.fusion, text=text), contrastive=replace(m.contrastive, text=ctext))
     return build_vlm(m, tok.special.image)  # pretrained parts: config and weights from their checkpoints
 
 
@@ -95,7 +96,7 @@ def lr_factor(step: int, total: int, stage: StageConfig) -> float:
 def build_optimizer(model: VLM, stage: StageConfig, tc: TrainConfig) -> torch.optim.AdamW:
     groups = model.param_groups()
     lrs = {"vision": stage.lr_vision, "fusion": stage.lr_fusion, "connector": stage.lr_connector, "lm": stage.lr_lm,
-           "lora": stage.lr_lora}
+           "lora": stage.lr_lora, "contrastive": stage.lr_contrastive}
     for part, params in groups.items():
         for p in params:
             p.requires_grad_(part in stage.train)
@@ -106,6 +107,23 @@ def build_optimizer(model: VLM, stage: StageConfig, tc: TrainConfig) -> torch.op
         param_groups += [{"params": decay, "lr": lrs[part], "base_lr": lrs[part], "weight_decay": tc.weight_decay},
                          {"params": no_decay, "lr": lrs[part], "base_lr": lrs[part], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(0.9, 0.95))
+
+
+def stage_loss(model: VLM, b: Batch, stage: StageConfig, n_targets: int,
+               n_micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lm_weight * LM loss (normalised over the accumulated batch's targets) + contrastive_weight *
+    InfoNCE over this micro-batch's pairs (averaged over the micro-batches); also the InfoNCE
+    term alone (its share of the step), or None."""
+    loss, nce = torch.zeros((), device=b.input_ids.device), None
+    if stage.lm_weight > 0:
+        lm, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments,
+                      instructions=b.instructions)
+        loss = loss + stage.lm_weight * lm
+    if stage.contrastive_weight > 0:
+        assert b.pairs is not None
+        nce = model.contrastive_loss(b.pixel_values[b.pairs.image], (b.pairs.ids, b.pairs.mask), b.pairs.group) / n_micro
+        loss = loss + stage.contrastive_weight * nce
+    return loss, nce
 
 
 @dataclass
@@ -121,28 +139,30 @@ class StageRun:
 
 
 def train_step(model: VLM, run: StageRun, step: int, cfg: Config, transform: ImageTransform,
-               pad_id: int, device: torch.device) -> tuple[float, int, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns (loss, tokens, samples)."""
+               pad_id: int, device: torch.device) -> tuple[float, float | None, int, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns (loss, its InfoNCE part or None,
+    tokens, samples)."""
     stage, tc = run.stage, cfg.train
     for g in run.optimizer.param_groups:
         g["lr"] = g["base_lr"] * lr_factor(step, run.total, stage)
     micro = [make_batch(run.data, run.order.indices(step * stage.grad_accum + a), transform, pad_id)
              for a in range(stage.grad_accum)]
     n_targets = sum(b.n_targets for b in micro)
-    total_loss = 0.0
+    total_loss, total_nce = 0.0, None
     for b in micro:
         b = b.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            loss, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments,
-                            instructions=b.instructions)
+            loss, nce = stage_loss(model, b, stage, n_targets, len(micro))
         loss.backward()
         total_loss += loss.item()
+        if nce is not None:
+            total_nce = (total_nce or 0.0) + nce.item()
     if tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], tc.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b.input_ids.numel()) for b in micro)
-    return total_loss, tokens, sum(b.input_ids.shape[0] for b in micro)
+    return total_loss, total_nce, tokens, sum(b.input_ids.shape[0] for b in micro)
 
 
 @dataclass
@@ -201,7 +221,8 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
             continue
         ts = encode_trainset(prep.convs[si], tok, stage.template, transform, model.n_image_tokens,
                              cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt,
-                             instruction_len=model.cfg.fusion.text.max_len if model.needs_instruction else 0)
+                             instruction_len=model.cfg.fusion.text.max_len if model.needs_instruction else 0,
+                             caption_len=model.cfg.contrastive.text.max_len if stage.contrastive_weight > 0 else 0)
         if stage.packing == "shared_prefix":
             n_samples = len(ts)
             ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
@@ -239,12 +260,12 @@ def run_stage(model, run: StageRun, start: int, global_step: int, cfg: Config, t
     pos = Position(run.index, start, global_step)
     t0, tok_count = time.perf_counter(), 0
     for step in range(start, run.total):
-        loss, n_tok, n_samples = train_step(model, run, step, cfg, transform, tok.special.eos, device)
+        loss, nce, n_tok, n_samples = train_step(model, run, step, cfg, transform, tok.special.eos, device)
         tok_count += n_tok
         pos = Position(run.index, step + 1, pos.global_step + 1)
         dt = time.perf_counter() - t0
         metrics.write({"stage": stage.name, "step": step + 1, "global_step": pos.global_step, "loss": loss,
-                       "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_count / dt})
+                       "contrastive_loss": nce, "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_count / dt})
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_count / dt:.0f}")
         bar.update(1)
         stopping = stop_after is not None and pos.global_step >= stop_after
