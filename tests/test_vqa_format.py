@@ -122,10 +122,6 @@ def test_write_predictions_validates_before_writing(tmp_path, rows, message):
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "files.py read_json_records (and vqa_format._locations) split JSONL with str.splitlines(), which also "
-    "breaks at U+2028/U+2029/U+0085; json.dumps(ensure_ascii=False) in atomic_write_jsonl writes those raw, "
-    "so a prediction holding one is written fine and then read back as 'malformed JSON'"))
 @pytest.mark.parametrize("char", ["\u2028", "\x85"])
 def test_predictions_with_unicode_line_separators_round_trip(tmp_path, char):
     write_predictions(tmp_path / "p.jsonl", [{"question_id": 0, "text": f"a{char}b"}, {"question_id": 1, "text": "c"}])

@@ -90,7 +90,7 @@ def read_json_records(path: str | os.PathLike) -> list[dict]:
         where = [f"{path}: item {i}" for i in range(len(rows))]
     else:
         rows, where = [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -46,7 +46,7 @@ def _messages(rec: dict, where: str) -> list[Message]:
     for i, t in enumerate(turns):
         if not isinstance(t, dict) or not isinstance(t.get("value"), str):
             raise DataError(f"{where}: turn {i} must be an object with a string 'value'")
-        role = ROLES.get(t.get("from"))
+        role = ROLES.get(t["from"]) if isinstance(t.get("from"), str) else None
         if role is None:
             raise DataError(f"{where}: turn {i} has unknown role {t.get('from')!r}; valid: {sorted(ROLES)}")
         out.append(Message(role, t["value"]))
@@ -71,6 +71,10 @@ def parse_record(rec: dict, index: int, source: str, image_root: Path) -> Conver
     where = f"{source}: record {rid!r}"
     messages = _messages(rec, where)
     images = _image_paths(rec, where, image_root)
+    answered = [i for i, m in enumerate(messages) if m.role != "user" and IMAGE_TOKEN in m.text]
+    if answered:
+        raise DataError(f"{where}: turn {answered[0]} ({messages[answered[0]].role}) holds an {IMAGE_TOKEN} tag; "
+                        "images belong in human turns")
     n_tags = sum(m.text.count(IMAGE_TOKEN) for m in messages)
     if n_tags != len(images):
         raise DataError(f"{where}: {n_tags} {IMAGE_TOKEN} tag(s) in the text but {len(images)} image(s)")

@@ -1,8 +1,9 @@
 """Tokenizer: a thin wrapper over a `tokenizers.Tokenizer` plus the ids of vitune's special tokens.
 
 From-scratch presets use a byte-level BPE trained on the training data (`train_bpe`) or plain
-bytes (`byte_level`); both decode back to the exact text. Pretrained LMs bring their own
-`tokenizer.json`. The wrapper is saved as that one file in every model folder.
+bytes (`byte_level`). Bytes decode back to the exact text; the trained BPE encodes with a
+prefix space, so it decodes to the text with one leading space (answers are stripped).
+Pretrained LMs bring their own `tokenizer.json`. The wrapper is saved as that one file in every model folder.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def _locations(path: Path, n: int) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         return [f"{path}: item {i}" for i in range(n)]
-    return [f"{path}: line {k}" for k, line in enumerate(text.splitlines(), 1) if line.strip()][:n]
+    return [f"{path}: line {k}" for k, line in enumerate(text.split("\n"), 1) if line.strip()][:n]
 
 
 def _records(path: str | os.PathLike) -> list[tuple[str, dict]]:
