@@ -35,6 +35,7 @@ from vitune.config import (
     load_yaml,
     to_dict,
 )
+from vitune.files import DataError
 from vitune.model.lora import LoRALinear, is_lora_key
 from vitune.model.vlm import VLM
 from vitune.presets import tiny
@@ -140,10 +141,8 @@ def truncate_weights(folder):
     (lambda f: (f / "tokenizer.json").unlink(), FileNotFoundError, "m: no tokenizer.json"),
     (lambda f: (f / "config.json").write_text(json.dumps({"format": "gguf"})), ValueError,
      "m/config.json: format 'gguf' is not 'vitune-vlm'"),
-    pytest.param(corrupt_config, Exception, "config.json", marks=pytest.mark.xfail(
-        strict=True, reason="bug: read_meta's json.loads error does not name the file (model_folder.py read_meta)")),
-    pytest.param(truncate_weights, Exception, "model.safetensors", marks=pytest.mark.xfail(
-        strict=True, reason="bug: safetensors' 'invalid header length' does not name the file (load_pretrained)")),
+    pytest.param(corrupt_config, DataError, "m/config.json: corrupt or unreadable"),
+    pytest.param(truncate_weights, DataError, "m/model.safetensors: corrupt or unreadable"),
 ], ids=["no-weights", "no-tokenizer", "wrong-format", "corrupt-config", "truncated-weights"])
 def test_damaged_folders_fail_naming_the_file(tok, tmp_path, damage, error, message):
     folder = save_pretrained(build(tok), tok, tmp_path / "m")
@@ -316,10 +315,8 @@ def test_a_failed_state_save_keeps_the_previous_state(tok, tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda s: (s / "rng.pt").unlink(), "state/rng.pt"),
     (lambda s: (s / "optimizer.pt").unlink(), "state/optimizer.pt"),
-    pytest.param(lambda s: (s / "trainer.json").write_text('{"stage": 1'), "trainer.json", marks=pytest.mark.xfail(
-        strict=True, reason="bug: read_position's json.loads error does not name the file (training_state.py)")),
-    pytest.param(lambda s: (s / "optimizer.pt").write_bytes(b"PK\x03\x04 cut"), "optimizer.pt", marks=pytest.mark.xfail(
-        strict=True, reason="bug: torch.load's error on a truncated optimizer.pt does not name the file")),
+    pytest.param(lambda s: (s / "trainer.json").write_text('{"stage": 1'), "trainer.json"),
+    pytest.param(lambda s: (s / "optimizer.pt").write_bytes(b"PK\x03\x04 cut"), "optimizer.pt"),
 ], ids=["no-rng", "no-optimizer", "corrupt-trainer-json", "truncated-optimizer"])
 def test_damaged_state_fails_naming_the_file(tok, tmp_path, damage, message):
     model, opt = trained(tok, steps=1)

@@ -64,8 +64,6 @@ def test_read_metrics_skips_blank_lines_and_missing_files(tmp_path):
     assert read_metrics(path) == [row(1), row(2)]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a half-written last line (a crash mid-write) makes resume fail with a "
-                                       "JSONDecodeError that names neither the file nor the line")
 def test_resume_after_a_crash_mid_line_keeps_the_complete_rows(tmp_path):
     path = write_log(tmp_path, [row(1), row(2)])
     with path.open("a") as f:

@@ -102,3 +102,15 @@ def read_json_records(path: str | os.PathLike) -> list[dict]:
         if not isinstance(row, dict):
             raise DataError(f"{w}: expected a JSON object, got {type(row).__name__}")
     return rows
+
+
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """Errors while reading `path` name it: a corrupt or truncated file becomes a DataError that
+    says which file (missing files and DataErrors pass through as they are)."""
+    try:
+        yield
+    except (FileNotFoundError, DataError):
+        raise
+    except Exception as e:  # the readers' own errors (json, safetensors, torch.load) name no file
+        raise DataError(f"{path}: corrupt or unreadable ({type(e).__name__}: {e})") from e

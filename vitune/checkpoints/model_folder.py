@@ -21,7 +21,7 @@ from vitune import __version__
 from vitune.checkpoints.pretrained import base_state, pretrained_parts
 from vitune.config import Config, ModelConfig, dump_yaml, from_dict, to_dict
 from vitune.data.tokenizer import Tokenizer
-from vitune.files import atomic_dir
+from vitune.files import atomic_dir, naming
 from vitune.model.lora import is_lora_key
 from vitune.model.vlm import VLM
 
@@ -76,7 +76,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def read_meta(folder: Path) -> dict:
-    meta = json.loads((folder / "config.json").read_text())
+    with naming(folder / "config.json"):
+        meta = json.loads((folder / "config.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
     return meta
@@ -94,6 +95,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     from_base = tuple(read_meta(folder).get("from_base", ()))
     model = VLM(cfg, image_id)
     state = base_state(cfg, from_base) if from_base else {}
-    model.load_state_dict({**state, **load_file(str(folder / "model.safetensors"))}, strict=True)
+    with naming(folder / "model.safetensors"):
+        weights = load_file(str(folder / "model.safetensors"))
+    model.load_state_dict({**state, **weights}, strict=True)
     model.to(device=device, dtype=dtype).eval()
     return model, Tokenizer.load(folder)

@@ -22,7 +22,7 @@ from vitune.checkpoints.model_folder import stored_state
 from vitune.checkpoints.pretrained import pretrained_parts
 from vitune.config import Config, dump_yaml
 from vitune.data.tokenizer import Tokenizer
-from vitune.files import atomic_dir
+from vitune.files import atomic_dir, naming
 from vitune.model.lora import is_lora_key
 from vitune.model.vlm import VLM
 
@@ -46,11 +46,14 @@ def save_state(folder: Path, model: VLM, optimizer: torch.optim.Optimizer, pos: 
 
 
 def read_position(folder: Path) -> Position:
-    return Position(**json.loads((folder / "trainer.json").read_text()))
+    with naming(folder / "trainer.json"):
+        return Position(**json.loads((folder / "trainer.json").read_text()))
 
 
 def load_state(folder: Path, model: VLM, optimizer: torch.optim.Optimizer | None) -> Position:
-    state, own = load_file(str(folder / "model.safetensors")), model.state_dict()
+    with naming(folder / "model.safetensors"):
+        state = load_file(str(folder / "model.safetensors"))
+    own = model.state_dict()
     base = set(pretrained_parts(model.cfg))  # left out when untrained; already loaded from their sources
     missing = [k for k in own if k not in state and (k.split(".", 1)[0] not in base or is_lora_key(k))]
     unexpected = sorted(set(state) - set(own))
@@ -58,8 +61,10 @@ def load_state(folder: Path, model: VLM, optimizer: torch.optim.Optimizer | None
         raise ValueError(f"{folder}: state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(state, strict=False)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    rng = torch.load(folder / "rng.pt", weights_only=False)
+        with naming(folder / "optimizer.pt"):
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    with naming(folder / "rng.pt"):
+        rng = torch.load(folder / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

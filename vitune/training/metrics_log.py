@@ -1,7 +1,7 @@
 """Metrics log: one JSON line per training step in OUT/metrics.jsonl (and TensorBoard if installed).
 
 On resume, lines past the resumed step are dropped first, so the log never holds steps that the
-saved state does not include.
+saved state does not include; a row half-written by a crash is dropped.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vitune.files import atomic_write_text
+from vitune.files import DataError, atomic_write_text
 
 
 class MetricsLog:
@@ -36,9 +36,22 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The logged rows. A last line without its newline is a row cut by a crash mid-write: it is
+    dropped (it lies past any saved state); any other bad line is an error naming file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # the unterminated tail of an interrupted write
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i}: malformed JSON: {e.msg}") from None
+    return rows
 
 
 def _tensorboard(out: Path):
