@@ -131,7 +131,15 @@ def test_trains_and_opens_its_gates(shapes_dir, tmp_path):
     (["model.fusion.kind=xattn", "train.stages.1.packing=shared_prefix"], r"train\.stages\.1\.packing=shared_prefix"),
     (["model.fusion.kind=xattn", "model.fusion.heads=3"], "model.lm.dim must be divisible by model.fusion.heads"),
     (["model.fusion.kind=xattn", "model.fusion.xattn_every=0"], "xattn_every must be >= 1"),
+    (["model.fusion.kind=qformer", "model.fusion.heads=3"], "qformer: fusion.dim .* must be divisible by fusion.heads"),
 ])
 def test_bad_cross_attention_configs_name_the_field(overrides, match):
+    # heads only has to divide the widths the chosen fusion uses: xattn's is the LM's (64 here)
     with pytest.raises(ConfigError, match=match):
         apply_overrides(tiny(), overrides)
+
+
+def test_xattn_heads_need_not_divide_the_vision_width():
+    cfg = apply_overrides(tiny(), ["model.fusion.kind=xattn", "model.fusion.heads=8", "model.vision.width=36",
+                                   "model.vision.heads=2"])
+    assert cfg.model.fusion.heads == 8  # 64-d LM: fine, though 36 % 8 != 0

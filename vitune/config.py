@@ -404,7 +404,8 @@ def _fusion_checks(cfg: Config) -> list[tuple[bool, str]]:
         (f.kind != "qformer" or cfg.model.connector.reduce == "none",
          "model.fusion.kind=qformer sets the number of image tokens itself (fusion.queries): "
          "model.connector.reduce must be none"),
-        ((f.dim or v.width) % f.heads == 0, "model.fusion.dim (0: model.vision.width) must be divisible by fusion.heads"),
+        (f.kind != "qformer" or (f.dim or v.width) % f.heads == 0,
+         "model.fusion.kind=qformer: fusion.dim (0: model.vision.width) must be divisible by fusion.heads"),
         (f.text.dim % f.text.heads == 0, "model.fusion.text.dim must be divisible by fusion.text.heads"),
     ]
     for i, s in enumerate(cfg.train.stages):
