@@ -118,14 +118,18 @@ def encode_instructions(tok: Tokenizer, messages: list[Message], max_len: int, w
                         warn: Callable[[str], None]) -> list[list[int]]:
     """Token ids of each image's instruction: `im_start` (so none is empty) + the text, cut to
     `max_len` tokens with a warning that names the record (never silently)."""
-    out = []
-    for text in image_instructions(messages):
-        ids = [tok.special.im_start] + tok.encode(text)
-        if len(ids) > max_len:
-            warn(f"{where}: instruction of {len(ids)} tokens cut to the instruction encoder's max_len={max_len}")
-            ids = ids[:max_len]
-        out.append(ids)
-    return out
+    return [_encode_text(tok, t, max_len, f"{where}: instruction", "instruction encoder", warn)
+            for t in image_instructions(messages)]
+
+
+def _encode_text(tok: Tokenizer, text: str, max_len: int, what: str, encoder: str,
+                 warn: Callable[[str], None]) -> list[int]:
+    """`im_start` + the text's ids, cut to `max_len` with a warning (`what` names the record)."""
+    ids = [tok.special.im_start] + tok.encode(text)
+    if len(ids) > max_len:
+        warn(f"{what} of {len(ids)} tokens cut to the {encoder}'s max_len={max_len}")
+        ids = ids[:max_len]
+    return ids
 
 
 def encode_caption(tok: Tokenizer, messages: list[Message], max_len: int, where: str,
@@ -135,11 +139,7 @@ def encode_caption(tok: Tokenizer, messages: list[Message], max_len: int, where:
     text = caption_text(messages)
     if text is None or not any(IMAGE_TOKEN in m.text for m in messages):
         raise DataError(f"{where}: an alignment (contrastive) stage needs an image and an answer in every record")
-    ids = [tok.special.im_start] + tok.encode(text)
-    if len(ids) > max_len:
-        warn(f"{where}: caption of {len(ids)} tokens cut to the text encoder's max_len={max_len}")
-        ids = ids[:max_len]
-    return ids
+    return _encode_text(tok, text, max_len, f"{where}: caption", "text encoder", warn)
 
 
 def pad_instructions(instructions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

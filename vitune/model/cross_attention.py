@@ -47,15 +47,13 @@ class GatedCrossAttentionBlock(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`x (B, T, D)`, projected memory `kv`, `visible (B, T, S)` bool -> (x, weights (B, H, T, S) | None)."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+        """`x (B, T, D)`, projected memory `kv`, `visible (B, T, S)` bool -> x."""
         anything = visible.any(-1, keepdim=True)  # (B, T, 1): a token before every image sees none
         mask = (visible | ~anything)[:, None]  # (B, 1, T, S); fully masked rows attend anywhere, zeroed below
-        out = self.attn.attend(self.norm_attn(x), *kv, mask, need_weights)
-        attended, weights = out if need_weights else (out, None)
-        x = x + torch.tanh(self.attn_gate).to(x.dtype) * attended * anything.to(x.dtype)
-        return x + torch.tanh(self.mlp_gate).to(x.dtype) * self.mlp(self.norm_mlp(x)) * anything.to(x.dtype), weights
+        seen = anything.to(x.dtype)
+        x = x + torch.tanh(self.attn_gate).to(x.dtype) * self.attn.attend(self.norm_attn(x), *kv, mask) * seen
+        return x + torch.tanh(self.mlp_gate).to(x.dtype) * self.mlp(self.norm_mlp(x)) * seen
 
 
 class GatedCrossAttention(nn.Module):
@@ -104,14 +102,9 @@ class CrossContext:
     def __init__(self, module: GatedCrossAttention, kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
                  key_pos: torch.Tensor):
         self.module, self.kv, self.key_pos = module, kv, key_pos
-        self.need_weights = False
-        self.weights: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if layer not in self.kv:
             return x
         visible = (self.key_pos[:, None, :] >= 0) & (self.key_pos[:, None, :] <= positions[:, :, None])  # (B, T, S)
-        x, w = self.module.blocks[str(layer)](x, self.kv[layer], visible, self.need_weights)
-        if w is not None:
-            self.weights[layer] = w
-        return x
+        return self.module.blocks[str(layer)](x, self.kv[layer], visible)

@@ -64,14 +64,11 @@ class QFormerBlock(nn.Module):
         self.cross_attn = MultiHeadAttention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, n_queries: int, x_mask: torch.Tensor, image: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, n_queries: int, x_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x), key_mask=x_mask)  # (n, K + L, D)
         q, text = x[:, :n_queries], x[:, n_queries:]
-        out = self.cross_attn(self.norm2(q), image, need_weights=need_weights)
-        attended, weights = out if need_weights else (out, None)
-        x = torch.cat([q + attended, text], dim=1)
-        return x + self.mlp(self.norm3(x)), weights
+        x = torch.cat([q + self.cross_attn(self.norm2(q), image), text], dim=1)
+        return x + self.mlp(self.norm3(x))
 
 
 class InstructionQFormer(nn.Module):
@@ -89,19 +86,16 @@ class InstructionQFormer(nn.Module):
         self.register_buffer("image_pos", pos, persistent=False)  # (N, D)
         self.blocks = nn.ModuleList(QFormerBlock(dim, cfg.heads) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(dim)
-        self.last_weights: torch.Tensor | None = None  # (n, H, K, N) of the last block, when asked for
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                need_weights: bool = False) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """`image (n, N, D_v)`, `text (n, L, D_t)`, `text_mask (n, L)` -> `(n, K, D)`."""
         n, K = image.shape[0], self.queries.shape[0]
         image = self.image_proj(image) + self.image_pos.to(image.dtype)  # (n, N, D)
         q = self.queries.to(image.dtype).expand(n, -1, -1)
         x = torch.cat([q, self.text_proj(text).to(image.dtype)], dim=1)  # (n, K + L, D)
         x_mask = torch.cat([torch.ones(n, K, dtype=torch.bool, device=image.device), text_mask.bool()], dim=1)
-        for i, block in enumerate(self.blocks):
-            x, weights = block(x, K, x_mask, image, need_weights and i == len(self.blocks) - 1)
-        self.last_weights = weights if need_weights else None
+        for block in self.blocks:
+            x = block(x, K, x_mask, image)
         return self.norm(x[:, :K])
 
 
@@ -125,12 +119,12 @@ class Fusion(nn.Module):
         return (self.cfg.dim or vision_dim) if self.qformer is not None else vision_dim
 
     def encode(self, vision: nn.Module, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-               tower_grad: bool, need_weights: bool = False) -> torch.Tensor:
+               tower_grad: bool) -> torch.Tensor:
         """Image features conditioned on each image's instruction: `(n_img, N', D')`."""
         hidden, z = self.instruction(ids, mask)  # (n, L, D_t), (n, D_t)
         if self.film is not None:  # gradients reach the FiLM heads through the tower, frozen or not
             return vision(pixel_values, self.film(z), self.cfg.film_every)
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_grad):
             features = vision(pixel_values)  # (n, N, D_v)
-        return self.qformer(features, hidden, mask, need_weights)
+        return self.qformer(features, hidden, mask)
 

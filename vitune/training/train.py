@@ -113,7 +113,9 @@ def stage_loss(model: VLM, b: Batch, stage: StageConfig, n_targets: int,
                n_micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lm_weight * LM loss (normalised over the accumulated batch's targets) + contrastive_weight *
     InfoNCE over this micro-batch's pairs (averaged over the micro-batches); also the InfoNCE
-    term alone (its share of the step), or None."""
+    term alone (its share of the step), or None. With both weights set the tower runs twice per
+    micro-batch (the alignment head reads it unconditioned); cheap for the small from-scratch
+    towers this is used with, and a place to share features if a large tower ever needs it."""
     loss, nce = torch.zeros((), device=b.input_ids.device), None
     if stage.lm_weight > 0:
         lm, _ = model(b.input_ids, b.labels, b.pixel_values, n_targets=n_targets, segments=b.segments,
