@@ -12,6 +12,7 @@ with the dotted name of the field at fault.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -232,7 +233,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = 0                        # 0: torch's default
     log_every: int = 10
-    save_every: int = 0                     # 0: save the training state at stage ends only
+    # The training state (OUT/state) is saved at every stage end, every `save_every` steps (0: not
+    # by steps) and every `save_every_minutes` of training (0: not by time), so a crash or kill
+    # loses at most one interval; Ctrl-C / SIGTERM save it too.
+    save_every: int = 0
+    save_every_minutes: float = 10.0
     on_bad_record: Literal["error", "skip"] = "error"
     group_by_length: bool = True            # batch rows of similar length: less padding
 
@@ -280,7 +285,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return None
         return _coerce(next(a for a in typing.get_args(tp) if a is not type(None)), value, where)
     if tp is float:
-        return _to_float(value, where)
+        value = _to_float(value, where)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return value
     if tp in (int, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -308,9 +316,13 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
 
 def load_yaml(path: str | Path) -> Config:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections (model:, train:), got {type(data).__name__}")
     return validate(from_dict(Config, data, str(path)))
 
 
@@ -356,16 +368,92 @@ def _step(node: Any, p: str, key: str) -> Any:
 
 # ---------------------------------------------------------------- validation
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: lo <= x (lo < x when `lo_open`), x <= hi (x < hi when `hi_open`)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below and math.isfinite(x)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
+AT_LEAST_1, FRACTION = Range(1), Range(0, 1)
+
+# Every numeric field with a range, per config class; tuples are checked element by element.
+RANGES: dict[type, dict[str, Range]] = {
+    VisionConfig: {"image_size": AT_LEAST_1, "patch_size": AT_LEAST_1, "width": AT_LEAST_1, "layers": AT_LEAST_1,
+                   "heads": AT_LEAST_1, "mlp_dim": AT_LEAST_1, "norm_eps": POSITIVE, "image_mean": FRACTION,
+                   "image_std": POSITIVE},
+    ConnectorConfig: {"hidden_dim": NON_NEGATIVE},
+    LMConfig: {"vocab_size": AT_LEAST_1, "dim": AT_LEAST_1, "layers": AT_LEAST_1, "heads": AT_LEAST_1,
+               "kv_heads": AT_LEAST_1, "ffn_dim": AT_LEAST_1, "head_dim": NON_NEGATIVE, "rope_theta": POSITIVE,
+               "norm_eps": POSITIVE, "max_seq_len": AT_LEAST_1},
+    LoRAConfig: {"rank": NON_NEGATIVE, "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True)},
+    TextConfig: {"vocab_size": AT_LEAST_1, "dim": AT_LEAST_1, "layers": AT_LEAST_1, "heads": AT_LEAST_1,
+                 "ffn_dim": AT_LEAST_1, "max_positions": AT_LEAST_1, "type_vocab_size": AT_LEAST_1,
+                 "norm_eps": POSITIVE, "pad_id": NON_NEGATIVE, "max_len": AT_LEAST_1},
+    FusionConfig: {"film_every": AT_LEAST_1, "queries": AT_LEAST_1, "layers": AT_LEAST_1, "heads": AT_LEAST_1,
+                   "dim": NON_NEGATIVE, "xattn_every": AT_LEAST_1, "latents": NON_NEGATIVE},
+    ContrastiveConfig: {"dim": NON_NEGATIVE, "init_temperature": POSITIVE, "min_temperature": POSITIVE},
+    TokenizerConfig: {"vocab_size": AT_LEAST_1},
+    StageConfig: {"epochs": NON_NEGATIVE, "steps": NON_NEGATIVE, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
+                  **{f"lr_{p}": NON_NEGATIVE for p in typing.get_args(Part)}, "warmup_steps": NON_NEGATIVE,
+                  "min_lr_ratio": FRACTION, "mix_fraction": Range(0, 1, hi_open=True), "lm_weight": NON_NEGATIVE,
+                  "contrastive_weight": NON_NEGATIVE},
+    TrainConfig: {"seed": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+                  "threads": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": NON_NEGATIVE,
+                  "save_every_minutes": NON_NEGATIVE},
+}
+
+
+def range_errors(node: Any, where: str) -> list[str]:
+    """Every numeric field of `node` (a config dataclass, walked recursively) outside its range."""
+    if isinstance(node, tuple):
+        return [e for i, v in enumerate(node) for e in range_errors(v, f"{where}.{i}")]
+    if not dataclasses.is_dataclass(node):
+        return []
+    out, ranges = [], RANGES.get(type(node), {})
+    for f in dataclasses.fields(node):
+        value, name = getattr(node, f.name), f"{where}.{f.name}"
+        if f.name in ranges:
+            values = value if isinstance(value, tuple) else (value,)
+            if not all(ranges[f.name].ok(x) for x in values):
+                out.append(f"{name} must be {ranges[f.name]}, got {value!r}")
+        else:
+            out += range_errors(value, name)
+    return out
+
+
 def validate(cfg: Config) -> Config:
+    errors = range_errors(cfg.model, "model") + range_errors(cfg.train, "train")
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else "; ".join(errors))
     v, lm = cfg.model.vision, cfg.model.lm
     checks = [
         (v.image_size % v.patch_size == 0, "model.vision.image_size must be a multiple of patch_size"),
         (v.width % v.heads == 0, "model.vision.width must be divisible by heads"),
         (lm.heads % lm.kv_heads == 0, "model.lm.heads must be a multiple of kv_heads"),
         (lm.head_dim > 0 or lm.dim % lm.heads == 0, "model.lm.dim must be divisible by heads"),
-        (lm.max_seq_len > 0, "model.lm.max_seq_len must be positive"),
+        (bool(v.pretrained) or v.kind != "vit" or -(v.layers + 1) <= v.feature_layer <= v.layers,
+         f"model.vision.feature_layer={v.feature_layer} names no hidden state of a {v.layers}-layer tower "
+         f"(valid: {-(v.layers + 1)}..{v.layers}, HF's indexing)"),
+        (cfg.model.tokenizer.kind != "bpe" or cfg.model.tokenizer.vocab_size > 260,
+         "model.tokenizer.vocab_size must be > 260 for bpe (256 bytes + 4 special tokens + merges)"),
         (len(cfg.train.stages) > 0, "train.stages must not be empty"),
-        (cfg.model.lora.rank >= 0 and len(cfg.model.lora.targets) > 0, "model.lora: rank >= 0 and at least one target"),
+        (len(cfg.model.lora.targets) > 0, "model.lora.targets: name at least one layer"),
+        (len({s.name for s in cfg.train.stages}) == len(cfg.train.stages), "train.stages: stage names must be unique"),
         (not (v.pretrained and v.stats_from_data), "model.vision.stats_from_data must be false for a pretrained "
          "tower: its image statistics are part of what it was trained with"),
     ]
@@ -376,12 +464,10 @@ def validate(cfg: Config) -> Config:
         checks.append((g % 2 == 0, f"model.connector.reduce={cfg.model.connector.reduce} needs an even grid, got {g}x{g}"))
     for i, s in enumerate(cfg.train.stages):
         checks += [
-            (s.batch_size > 0 and s.grad_accum > 0, f"train.stages.{i}: batch_size and grad_accum must be positive"),
             (s.steps > 0 or s.epochs > 0, f"train.stages.{i}: set steps or epochs"),
             (len(s.train) > 0, f"train.stages.{i}.train: name at least one part to train"),
             ("lora" not in s.train or cfg.model.lora.rank > 0,
              f"train.stages.{i}.train names 'lora' but model.lora.rank is 0 (no adapters)"),
-            (0.0 <= s.mix_fraction < 1.0, f"train.stages.{i}.mix_fraction must be in [0, 1)"),
         ]
     for ok, msg in checks:
         if not ok:
@@ -394,13 +480,10 @@ def _fusion_checks(cfg: Config) -> list[tuple[bool, str]]:
     checks = [
         (f.kind != "film" or v.kind in ("vit", "cnn"),
          f"model.fusion.kind=film modulates a ViT or CNN tower, not model.vision.kind={v.kind!r}"),
-        (f.film_every >= 1 and f.xattn_every >= 1, "model.fusion.film_every and xattn_every must be >= 1"),
-        (f.latents >= 0, "model.fusion.latents must be >= 0"),
         (f.kind != "xattn" or cfg.model.lm.dim % f.heads == 0,
          "model.fusion.kind=xattn: model.lm.dim must be divisible by model.fusion.heads"),
         (f.kind != "xattn" or not f.latents or v.width % f.heads == 0,
          "model.fusion.latents: model.vision.width must be divisible by model.fusion.heads"),
-        (f.queries >= 1 and f.layers >= 1, "model.fusion.queries and model.fusion.layers must be >= 1"),
         (f.kind != "qformer" or cfg.model.connector.reduce == "none",
          "model.fusion.kind=qformer sets the number of image tokens itself (fusion.queries): "
          "model.connector.reduce must be none"),
@@ -422,14 +505,12 @@ def _fusion_checks(cfg: Config) -> list[tuple[bool, str]]:
 def _contrastive_checks(cfg: Config) -> list[tuple[bool, str]]:
     c = cfg.model.contrastive
     checks = [
-        (c.dim >= 0, "model.contrastive.dim must be >= 0 (0: no alignment head)"),
         (0 < c.min_temperature <= c.init_temperature, "model.contrastive: need 0 < min_temperature <= init_temperature"),
         (c.text.dim % c.text.heads == 0, "model.contrastive.text.dim must be divisible by contrastive.text.heads"),
     ]
     for i, s in enumerate(cfg.train.stages):
         checks += [
-            (s.lm_weight >= 0 and s.contrastive_weight >= 0 and s.lm_weight + s.contrastive_weight > 0,
-             f"train.stages.{i}: lm_weight and contrastive_weight must be >= 0, not both 0"),
+            (s.lm_weight + s.contrastive_weight > 0, f"train.stages.{i}: lm_weight and contrastive_weight are both 0"),
             (s.contrastive_weight == 0 or c.dim > 0,
              f"train.stages.{i}.contrastive_weight > 0 needs an alignment head: set model.contrastive.dim"),
             ("contrastive" not in s.train or c.dim > 0,
