@@ -15,6 +15,7 @@ from vitune.data.chat import Message, caption_text
 from vitune.data.dataset import BadRecords, encode_trainset, make_batch
 from vitune.data.llava import Conversation
 from vitune.data.processor import ImageTransform, encode_caption
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.files import DataError
 from vitune.model.losses import info_nce
 from vitune.model.vlm import VLM
@@ -107,7 +108,7 @@ def test_model_without_a_head_says_so(tok):
 
 
 def test_caption_is_the_first_answer_and_is_cut_with_a_warning(tok):
-    msgs = [Message("user", "<image>"), Message("assistant", "a red square"), Message("user", "more?"),
+    msgs = [Message("user", f"{IMAGE_SLOT}"), Message("assistant", "a red square"), Message("user", "more?"),
             Message("assistant", "no")]
     assert caption_text(msgs) == "a red square"
     warnings = []
@@ -120,7 +121,7 @@ def test_caption_is_the_first_answer_and_is_cut_with_a_warning(tok):
 
 def test_batch_pairs_each_row_with_its_first_image_and_groups_by_image(tok, image_dir):
     def conv(i, image, caption):
-        return Conversation(f"r{i}", (Message("user", "<image>"), Message("assistant", caption)),
+        return Conversation(f"r{i}", (Message("user", f"{IMAGE_SLOT}"), Message("assistant", caption)),
                             (image_dir / image,))
     convs = [conv(0, "a.png", "first"), conv(1, "b.png", "second"), conv(2, "a.png", "again a")]
     ts = encode_trainset(convs, tok, "plain", ImageTransform(32, (0.5,) * 3, (0.5,) * 3, "pad"), 4, 64,
@@ -143,7 +144,7 @@ ALIGN = ["model.contrastive.dim=16", "model.contrastive.text.dim=32", "model.con
 def test_dual_encoder_stage_trains_only_the_alignment_loss(shapes_dir, tmp_path):
     cfg = apply_overrides(tiny(), ALIGN + ["train.stages.0.steps=3", "train.stages.0.lm_weight=0",
                                            "train.stages.0.contrastive_weight=1", "train.stages.0.train=[vision,contrastive]"])
-    out = train(cfg, data(shapes_dir), tmp_path, progress=False, log=lambda s: None)
+    out = train(cfg, data(shapes_dir), tmp_path, progress=False, log=lambda s: None).model
     rows = read_metrics(tmp_path / "metrics.jsonl")
     align = [r for r in rows if r["stage"] == "align"]
     assert len(align) == 3 and all(r["loss"] == r["contrastive_loss"] for r in align)

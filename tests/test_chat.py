@@ -3,6 +3,7 @@
 import pytest
 
 from vitune.data.chat import IGNORE_INDEX, Message, format_masked, render, stop_token_id
+from vitune.data.tokenizer import IMAGE_SLOT
 
 
 def trained_text(tok, r) -> str:
@@ -10,7 +11,7 @@ def trained_text(tok, r) -> str:
 
 
 def test_chatml_trains_only_assistant_turns(tok):
-    msgs = [Message("user", "<image>\nWhat is it?"), Message("assistant", "a cat"),
+    msgs = [Message("user", f"{IMAGE_SLOT}\nWhat is it?"), Message("assistant", "a cat"),
             Message("user", "Color?"), Message("assistant", "black")]
     r = render(tok, msgs, "chatml", n_image_tokens=3)
     assert len(r.input_ids) == len(r.labels)
@@ -29,7 +30,7 @@ def test_chatml_system_prompt_is_masked(tok):
 
 
 def test_plain_trains_caption_and_eos(tok):
-    r = render(tok, [Message("user", "<image>"), Message("assistant", "two red squares")], "plain", 4)
+    r = render(tok, [Message("user", f"{IMAGE_SLOT}"), Message("assistant", "two red squares")], "plain", 4)
     assert r.input_ids[:4] == [tok.special.image] * 4
     assert trained_text(tok, r) == "two red squares<|endoftext|>"
     assert all(lab == IGNORE_INDEX for lab in r.labels[:4])
@@ -49,7 +50,7 @@ def test_unknown_template_lists_valid(tok):
 
 
 def test_format_masked_marks_trained_tokens(tok):
-    r = render(tok, [Message("user", "<image>\nq"), Message("assistant", "ans")], "chatml", 5)
+    r = render(tok, [Message("user", f"{IMAGE_SLOT}\nq"), Message("assistant", "ans")], "chatml", 5)
     shown = format_masked(tok, r.input_ids, r.labels, color=False)
     assert "[[ans<|im_end|>]]" in shown and "<image x5>" in shown
     assert shown.count("[[") == 1

@@ -17,6 +17,7 @@ from vitune.data.dataset import (
 )
 from vitune.data.llava import Conversation, parse_record
 from vitune.data.processor import ImageTransform
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.files import DataError
 
 TR = ImageTransform(16, (0.5,) * 3, (0.5,) * 3)
@@ -86,7 +87,7 @@ def test_roles_ids_and_image_paths_are_normalised(image_dir):
         {"from": "system", "value": "sys"}, {"from": "user", "value": "<image> vs <image>"},
         {"from": "assistant", "value": "same"}]}
     conv = parse_record(rec, 0, "src", image_dir)
-    assert conv == Conversation("7", (Message("system", "sys"), Message("user", "<image> vs <image>"),
+    assert conv == Conversation("7", (Message("system", "sys"), Message("user", f"{IMAGE_SLOT} vs {IMAGE_SLOT}"),
                                       Message("assistant", "same")), (image_dir / "b.png", image_dir / "a.png"))
     assert parse_record({"images": [], "conversations": TEXT}, 4, "src", image_dir).id == "#4"
 

@@ -14,6 +14,7 @@ from vitune.checkpoints.model_folder import load_pretrained, save_pretrained
 from vitune.config import ConfigError, FusionConfig, VisionConfig, apply_overrides, validate
 from vitune.data.chat import Message, image_instructions
 from vitune.data.processor import encode_instructions, pad_instructions
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.inference.assistant import Assistant, Request
 from vitune.inference.generate import GenerationConfig, generate
 from vitune.model.attention import MultiHeadAttention
@@ -37,7 +38,7 @@ def fused_model(tok, kind: str, vision_kind: str = "vit", seed: int = 0) -> VLM:
 
 
 def instructions(tok, *texts: str) -> tuple[torch.Tensor, torch.Tensor]:
-    msgs = [[Message("user", f"<image>\n{t}")] for t in texts]
+    msgs = [[Message("user", f"{IMAGE_SLOT}\n{t}")] for t in texts]
     return pad_instructions([x for m in msgs for x in encode_instructions(tok, m, 64, "test", print)], tok.special.eos)
 
 
@@ -114,20 +115,20 @@ def test_assistant_answers_each_question_with_its_own_image_tokens(tok):
     randomise(model)
     bot = Assistant(model, tok)
     image = Image.new("RGB", (32, 32), "red")
-    reqs = [Request([image], [Message("user", f"<image>\n{q}")]) for q in ("What color?", "How many?")]
+    reqs = [Request([image], [Message("user", f"{IMAGE_SLOT}\n{q}")]) for q in ("What color?", "How many?")]
     gen = GenerationConfig(max_new_tokens=4)
     assert bot.answer_batch(reqs, gen) == [bot.answer(r, gen) for r in reqs]
 
 
 def test_instructions_are_the_text_of_the_image_message():
-    msgs = [Message("system", "Be brief."), Message("user", "<image>\n What is  here?"),
-            Message("assistant", "A cat."), Message("user", "Compare <image> and <image>")]
+    msgs = [Message("system", "Be brief."), Message("user", f"{IMAGE_SLOT}\n What is  here?"),
+            Message("assistant", "A cat."), Message("user", f"Compare {IMAGE_SLOT} and {IMAGE_SLOT}")]
     assert image_instructions(msgs) == ["What is here?", "Compare and", "Compare and"]
 
 
 def test_a_long_instruction_is_cut_with_a_warning_naming_the_record(tok):
     warnings: list[str] = []
-    ids = encode_instructions(tok, [Message("user", "<image>" + "x" * 100)], 16, "record 'r7'", warnings.append)
+    ids = encode_instructions(tok, [Message("user", f"{IMAGE_SLOT}" + "x" * 100)], 16, "record 'r7'", warnings.append)
     assert len(ids[0]) == 16 and ids[0][0] == tok.special.im_start
     assert len(warnings) == 1 and "record 'r7'" in warnings[0] and "max_len=16" in warnings[0]
 

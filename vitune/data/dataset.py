@@ -27,7 +27,7 @@ from vitune.data.processor import (
     load_image,
     pad_instructions,
 )
-from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from vitune.data.tokenizer import IMAGE_SLOT, Tokenizer
 from vitune.files import DataError, read_json_records
 
 Policy = Literal["error", "skip"]
@@ -47,21 +47,22 @@ class BadRecords:
         self.log(f"skipped bad record: {err}")
 
 
-def load_conversations(path: str | Path, image_root: str | Path | None, bad: BadRecords) -> list[Conversation]:
+def load_conversations(path: str | Path, image_root: str | Path | None, bad: BadRecords,
+                       allow_outside_root: bool = False) -> list[Conversation]:
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     out = []
     for i, rec in enumerate(read_json_records(path)):
         try:
-            out.append(parse_record(rec, i, str(path), root))
+            out.append(parse_record(rec, i, str(path), root, allow_outside_root=allow_outside_root))
         except DataError as e:
             bad.handle(e)
     return out
 
 
 def conversation_texts(convs: list[Conversation]) -> list[str]:
-    """All message texts with image tags removed: the corpus a from-scratch tokenizer learns."""
-    return [m.text.replace(IMAGE_TOKEN, " ") for c in convs for m in c.messages]
+    """All message texts with image slots removed: the corpus a from-scratch tokenizer learns."""
+    return [m.text.replace(IMAGE_SLOT, " ") for c in convs for m in c.messages]
 
 
 def mix_in(convs: list[Conversation], extra: list[Conversation], fraction: float) -> list[Conversation]:

@@ -1,6 +1,8 @@
 """Processor: images -> pixel tensors, conversations -> token ids and labels, samples -> batches.
 
-- `load_image` / `ImageTransform`: read (clear error for a missing or corrupt file), pad or squash
+- `load_image` / `ImageTransform`: read one image as RGB (EXIF orientation applied, 16-bit and
+  float scaled to 8 bits, transparency composited on white, a pixel cap checked before decoding,
+  multi-frame files refused; any bad file a `DataError` naming it and its record), pad or squash
   to a square, resize, and store as uint8; `normalize` turns uint8 into model input.
 - `encode_conversation`: render with the chat template, then fit to `max_seq_len` by cutting
   text only: never inside an image span. A record whose image tokens alone do not fit, or whose
@@ -11,31 +13,164 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitune.config import VisionConfig
 from vitune.conventions import IGNORE_INDEX, PAD_SEGMENT
 from vitune.data.chat import Message, caption_text, image_instructions, render
-from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from vitune.data.tokenizer import IMAGE_SLOT, Tokenizer
 from vitune.files import DataError
+
+MAX_IMAGE_PIXELS = 50_000_000  # width x height; checked from the header, before any pixel is decoded
+MAX_PIXELS_ENV = "VITUNE_MAX_IMAGE_PIXELS"  # overrides MAX_IMAGE_PIXELS
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
+
+# What Pillow raises on a malformed file (beyond OSError, which covers truncation and unknown formats).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+                  ZeroDivisionError, struct.error)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def max_image_pixels() -> int:
+    """The pixel cap: `$VITUNE_MAX_IMAGE_PIXELS` when set, else `MAX_IMAGE_PIXELS`. A bad setting is
+    a `ValueError` (a configuration mistake, not a bad record: no skip policy swallows it)."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        cap = int(raw.replace("_", ""))
+    except ValueError:
+        cap = 0
+    if cap <= 0:
+        raise ValueError(f"environment variable {MAX_PIXELS_ENV}={raw!r}: expected a positive whole number of "
+                         f"pixels (width x height), e.g. {MAX_PIXELS_ENV}=100000000; the default is {MAX_IMAGE_PIXELS}")
+    return cap
 
 
 def load_image(path: str | Path, where: str = "") -> Image.Image:
+    """The image at `path` as an RGB PIL image, decoded the way it displays, or a `DataError` that
+    names the file (prefixed by `where`, e.g. "record 'abc'") and what is wrong with it.
+
+    - EXIF orientation is applied (a phone photo stored sideways comes out upright).
+    - Pixel cap: an image over `max_image_pixels()` pixels (default `MAX_IMAGE_PIXELS`, raise it with
+      `$VITUNE_MAX_IMAGE_PIXELS`) is refused from its header, before decoding; so is anything over
+      Pillow's own decompression-bomb limit.
+    - Multi-frame files (animated GIF / WebP / PNG, multi-page TIFF) are refused: vitune reads
+      single-frame images; save the frame you mean as its own file.
+    - Transparency (RGBA, LA, PA, a palette or colour with a transparency entry) is alpha-composited
+      onto white `BACKGROUND` = (255, 255, 255), never dropped (dropping exposes whatever colour the
+      transparent pixels happen to store).
+    - 16-bit images (I;16*, and 32-bit "I" whose values fit 0..65535) are scaled to 8 bits
+      (v * 255 / 65535, rounded); other "I" images are stretched min..max to 0..255.
+      Float ("F") images: values within [0, 1] are intensities (x 255), else within [0, 255] 8-bit
+      levels, else stretched min..max to 0..255; NaN or infinite pixels are refused.
+    - 1-bit, L, P, CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB.
+    - A missing file, a folder, an empty, truncated or corrupt file, or a non-image: `DataError`.
+    """
     prefix = f"{where}: " if where else ""
+    cap = max_image_pixels()  # outside the try: a bad setting is not a bad image
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{prefix}image path is a folder, not an image file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        if p.is_file() and p.stat().st_size == 0:
+            raise DataError(f"{prefix}unreadable or corrupt image {path}: the file is empty (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap, below, decides
+            im = Image.open(path)
+            with im:
+                _check_header(im, path, prefix, cap)
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im), path, prefix)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{prefix}image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{prefix}unreadable or corrupt image {path}: {e}") from None
+    except PermissionError:
+        raise DataError(f"{prefix}image {path} cannot be read: permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{prefix}image {path} is too large to decode safely: {e} vitune's cap is {cap:,} pixels "
+                        f"(${MAX_PIXELS_ENV}); Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS) applies as well; "
+                        "shrink the image") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{prefix}unreadable or corrupt image {path}: not an image in a format Pillow "
+                        "recognises") from None
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{prefix}unreadable or corrupt image {path}: {type(e).__name__}: {e}") from None
+
+
+def _check_header(im: Image.Image, path, prefix: str, cap: int) -> None:
+    """What the header alone tells: the size against the cap, and the frame count."""
+    w, h = im.size
+    if w * h > cap:
+        raise DataError(f"{prefix}image {path} is {w}x{h} = {w * h:,} pixels, over vitune's cap of {cap:,} pixels "
+                        f"(a guard against decompression bombs); shrink the image, or raise the cap with the "
+                        f"environment variable {MAX_PIXELS_ENV}=<pixels>")
+    if w == 0 or h == 0:
+        raise DataError(f"{prefix}unreadable or corrupt image {path}: it has no pixels ({w}x{h})")
+    n = getattr(im, "n_frames", 1)
+    if n > 1:
+        raise DataError(f"{prefix}image {path} has {n} frames (an animation or a multi-page file); vitune reads "
+                        "single-frame images only: save the frame you mean as its own image file")
+
+
+def _to_rgb(im: Image.Image, path, prefix: str) -> Image.Image:
+    if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):
+        return _deep_to_rgb(im, path, prefix)
+    if im.mode == "1" and "transparency" in im.info:  # Pillow's 1 -> RGBA ignores it
+        t = im.info["transparency"]
+        im = im.convert("L")
+        im.info["transparency"] = 255 if t else 0
+    if im.mode == "La":  # premultiplied; Pillow converts it only to LA
+        im = im.convert("LA")
+    has_alpha = (im.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in im.info
+                 or (im.mode == "P" and im.palette is not None and im.palette.mode == "RGBA"))
+    if not has_alpha:
+        return im if im.mode == "RGB" else im.convert("RGB")
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+
+
+def _deep_to_rgb(im: Image.Image, path, prefix: str) -> Image.Image:
+    """16-bit, 32-bit integer and float images -> 8-bit RGB (the rules are in `load_image`)."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        if not np.isfinite(a).all():
+            raise DataError(f"{prefix}image {path}: a float image with NaN or infinite pixel values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0 and hi <= 1:
+            gray = np.rint(a * 255.0)
+        elif lo >= 0 and hi <= 255:
+            gray = np.rint(a)
+        else:
+            gray = _stretch(a, lo, hi)
+    else:
+        lo, hi = int(a.min()), int(a.max())
+        if im.mode in _SIXTEEN_BIT or (lo >= 0 and hi <= 65535):
+            gray = (a.astype(np.uint32) * 255 + 32767) // 65535
+        else:
+            gray = _stretch(a, lo, hi)
+    rgb = np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+    t = im.info.get("transparency")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):  # PNG tRNS: one fully transparent value
+        rgb[a == t] = BACKGROUND
+    return Image.fromarray(rgb)
+
+
+def _stretch(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """min..max -> 0..255 (a constant image: its value clipped to 0..255)."""
+    if hi == lo:
+        return np.clip(np.full(a.shape, lo, dtype=np.float64), 0, 255).round()
+    return np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo)))
 
 
 @dataclass(frozen=True)
@@ -137,7 +272,7 @@ def encode_caption(tok: Tokenizer, messages: list[Message], max_len: int, where:
     """Token ids of the text paired with a record's image for alignment (`caption_text`), cut to
     `max_len` with a warning naming the record; a record without an image or an answer is refused."""
     text = caption_text(messages)
-    if text is None or not any(IMAGE_TOKEN in m.text for m in messages):
+    if text is None or not any(IMAGE_SLOT in m.text for m in messages):
         raise DataError(f"{where}: an alignment (contrastive) stage needs an image and an answer in every record")
     return _encode_text(tok, text, max_len, f"{where}: caption", "text encoder", warn)
 

@@ -15,7 +15,13 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from vitune.files import naming
+
 IMAGE_TOKEN = "<image>"
+# Where an image goes inside a message's text: U+FFFC, Unicode's "object replacement character".
+# Only structure puts it there (a LLaVA file's `<image>` tag, an image given beside a question);
+# text that holds it itself is refused, and a literal `<image>` in a question is just text.
+IMAGE_SLOT = "\ufffc"
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -31,10 +37,13 @@ class SpecialIds:
 
 
 class Tokenizer:
-    """Text <-> ids. `encode` never adds special tokens: the chat renderer places them."""
+    """Text <-> ids. `encode` never makes special tokens: text that spells `<|im_end|>` or
+    `<image>` encodes as those characters (a question cannot forge a turn, an answer cannot
+    smuggle one into the trained tokens); only the chat renderer places control tokens, by id."""
 
     def __init__(self, tk: HFTokenizer):
         tk.add_special_tokens([t for t in SPECIAL_TOKENS if tk.token_to_id(t) is None])
+        tk.encode_special_tokens = True  # not saved in tokenizer.json: set on every load
         self.tk = tk
         ids = [tk.token_to_id(t) for t in SPECIAL_TOKENS]
         self.special = SpecialIds(*ids)
@@ -68,7 +77,8 @@ class Tokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json")
-        return cls(HFTokenizer.from_file(str(path)))
+        with naming(path):
+            return cls(HFTokenizer.from_file(str(path)))
 
 
 def _byte_level_base() -> HFTokenizer:

@@ -16,7 +16,7 @@ from vitune.checkpoints.model_folder import load_pretrained
 from vitune.data.chat import Message, render, stop_token_id
 from vitune.data.packing import common_prefix_len
 from vitune.data.processor import ImageTransform, encode_instructions, pad_instructions
-from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from vitune.data.tokenizer import IMAGE_SLOT, Tokenizer
 from vitune.inference.generate import GenerationConfig, generate
 from vitune.model.vlm import VLM
 
@@ -28,10 +28,16 @@ class Request:
 
 
 def user_turn(question: str, n_images: int) -> Message:
-    """A first user turn: image tags in front unless the question places them itself."""
-    if n_images and IMAGE_TOKEN not in question:
-        question = "\n".join([IMAGE_TOKEN] * n_images + [question])
-    return Message("user", question)
+    """A first user turn: the images' slots in front, then the question, which is text (a literal
+    `<image>` in it is the word, not an image)."""
+    return Message("user", "\n".join([IMAGE_SLOT] * n_images + [plain_text(question)]))
+
+
+def plain_text(text: str) -> str:
+    """User text, refused if it holds the image-slot character (only structure may place it)."""
+    if IMAGE_SLOT in text:
+        raise ValueError("the text holds the character U+FFFC, which vitune reserves for image slots")
+    return text
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -71,9 +77,9 @@ class Assistant:
     def prompt_ids(self, req: Request, max_new_tokens: int) -> list[int]:
         r = render(self.tok, req.messages, self.template, self.model.n_image_tokens,
                    add_generation_prompt=True, system_prompt=self.model.cfg.system_prompt)
-        n_tags = sum(m.text.count(IMAGE_TOKEN) for m in req.messages)
+        n_tags = sum(m.text.count(IMAGE_SLOT) for m in req.messages)
         if n_tags != len(req.images):
-            raise ValueError(f"{n_tags} {IMAGE_TOKEN} tag(s) in the messages but {len(req.images)} image(s)")
+            raise ValueError(f"{n_tags} image slot(s) in the messages but {len(req.images)} image(s)")
         limit = self.model.cfg.lm.max_seq_len - max_new_tokens
         if len(r.input_ids) > limit:
             raise ValueError(f"prompt of {len(r.input_ids)} tokens + {max_new_tokens} new tokens exceeds "
