@@ -169,7 +169,7 @@ def test_weights_load_strictly(tok, tmp_path, edit, message):
     state = load_file(str(folder / "model.safetensors"))
     edit(state)
     save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(DataError, match=r"(?s)m/model.safetensors: corrupt or unreadable.*" + message):
         load_pretrained(folder)
 
 
@@ -254,7 +254,8 @@ def test_state_round_trip_resumes_exactly(tok, tmp_path):
     save_state(tmp_path / "state", model, opt, pos, tok, tiny())
     after_save = draws()
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
-        "config.yaml", "model.safetensors", "optimizer.pt", "rng.pt", "tokenizer.json", "trainer.json"]
+        "config.yaml", "data.json", "model.safetensors", "optimizer.pt", "rng.pt", "tokenizer.json",
+        "trainer.json"]
     assert json.loads((tmp_path / "state" / "trainer.json").read_text()) == {"stage": 1, "step": 2, "global_step": 6}
     assert load_yaml(tmp_path / "state" / "config.yaml") == tiny()
 

@@ -122,7 +122,7 @@ def test_trains_and_opens_its_gates(shapes_dir, tmp_path):
     cfg = apply_overrides(tiny(), ["model.fusion.kind=xattn", "model.fusion.heads=2", "train.stages.0.steps=3",
                                    "train.stages.1.steps=2", "train.stages.0.train=[vision,fusion,connector,lm]"])
     out = train(cfg, {"align": str(shapes_dir / "align.json"), "instruct": str(shapes_dir / "instruct.json")},
-                tmp_path, progress=False, log=lambda s: None)
+                tmp_path, progress=False, log=lambda s: None).model
     model, _ = load_pretrained(out)
     assert all(a != 0 and m != 0 for a, m in model.xattn.gates().values())
 

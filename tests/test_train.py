@@ -20,20 +20,22 @@ def losses(out):
 
 def test_interrupted_and_resumed_run_reproduces_losses(shapes_dir, tmp_path):
     cfg = apply_overrides(tiny(), ["train.stages.0.steps=3", "train.stages.1.steps=4", "train.save_every=2"])
-    full = train(cfg, data(shapes_dir), tmp_path / "full", progress=False, log=lambda s: None)
+    full = train(cfg, data(shapes_dir), tmp_path / "full", progress=False, log=lambda s: None).model
     # stop mid-way through the second stage (after 5 of 7 steps), then resume
     part = tmp_path / "part"
     train(cfg, data(shapes_dir), part, stop_after=5, progress=False, log=lambda s: None)
     assert len(losses(part)) == 5 and not (part / "model").exists()
-    resumed = train(cfg, data(shapes_dir), part, resume=True, progress=False, log=lambda s: None)
+    resumed = train(cfg, data(shapes_dir), part, resume=True, progress=False, log=lambda s: None).model
     assert losses(part) == losses(tmp_path / "full")
     a, b = load_pretrained(full)[0].state_dict(), load_pretrained(resumed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_without_state_fails_clearly(shapes_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no training state"):
-        train(tiny(), data(shapes_dir), tmp_path, resume=True, progress=False)
+def test_resume_without_a_saved_state_says_so_and_starts_from_the_beginning(shapes_dir, tmp_path):
+    logs = []
+    cfg = apply_overrides(tiny(), ["train.stages.0.steps=1", "train.stages.1.steps=1"])
+    assert train(cfg, data(shapes_dir), tmp_path, resume=True, progress=False, log=logs.append).model
+    assert any("no training state saved" in line and "starting from the beginning" in line for line in logs)
 
 
 def test_stage_trains_only_its_parts(shapes_dir, tmp_path):
@@ -42,7 +44,7 @@ def test_stage_trains_only_its_parts(shapes_dir, tmp_path):
     tok = build_tokenizer(cfg, ["x"])
     torch.manual_seed(cfg.train.seed)
     before = build_model(cfg, tok).state_dict()
-    out = train(cfg, data(shapes_dir), tmp_path, progress=False, log=lambda s: None)
+    out = train(cfg, data(shapes_dir), tmp_path, progress=False, log=lambda s: None).model
     after = load_pretrained(out)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision."))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("connector."))

@@ -1,7 +1,8 @@
 """Files: atomic writes and line-checked JSON / JSONL reading.
 
 Every output vitune writes (checkpoints, predictions, data sets) goes through `atomic_write_*`
-or `atomic_dir`, so a crash never leaves a half-written file where a good one is expected.
+or `atomic_dir`, so a crash never leaves a half-written file where a good one is expected: the
+data is fsynced before the rename, and a kill mid-swap is undone by `recover_dir`.
 Readers raise `DataError` naming the file and line of malformed input.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,11 +22,35 @@ class DataError(ValueError):
     """Bad input data: the message names the file, record or field at fault."""
 
 
+# Temporary files and folders are named `.NAME.vitune-PID-XXXX.tmp`: the writer's pid says
+# whether a leftover belongs to a process that is gone (killed mid-write) and may be removed.
+TEMP_NAME = re.compile(r"^\..+\.vitune-(\d+)-\w+\.tmp$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.vitune-{os.getpid()}-"
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> None:
+    """Remove the temporary files and folders that writers killed mid-write left in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = TEMP_NAME.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,27 +75,89 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file under `folder` and the folders themselves reach the disk."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        _fsync(p)
+    _fsync(folder)
+
+
+def _old_copy(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Undo what a kill in the middle of `atomic_dir` left behind: put the previous copy back if
+    the new one never arrived, delete a previous copy that is no longer needed, and remove the
+    temporary files and folders of writers that are gone (their pid is in the name)."""
+    path = Path(path)
+    old = _old_copy(path)
+    if old.is_dir():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    remove_stale_temps(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
+    """Yield a temporary folder beside `path`; on success it replaces `path`.
 
-    The old folder (if any) is moved aside first and removed only after the new one is in place.
+    The new folder is written and fsynced in full first. The swap is two renames (the old folder
+    to `.NAME.old`, then the new one to NAME); a kill between them leaves the old copy, which
+    `recover_dir` (run by every reader and writer of such a folder) puts back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    recover_dir(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         yield tmp
-        old = None
+        _fsync_tree(tmp)
+        old = _old_copy(path)
         if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: dict[str, str | os.PathLike]) -> Path:
+    """Before any work: `out` is a folder vitune may create or (`overwrite`) replace, and holds
+    none of the `inputs` (name -> path) nor lies inside one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    for name, path in inputs.items():
+        p = Path(path).resolve()
+        o = out.resolve()
+        if o == p or o in p.parents or p in o.parents:
+            raise DataError(f"{out}: is (or contains, or lies inside) the {name} {path}; write to another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out}: exists and is not empty; pass --overwrite to replace it, or choose another folder")
+    return out
 
 
 def read_json_records(path: str | os.PathLike) -> list[dict]:

@@ -28,6 +28,8 @@ def _tokenizer_and_image_tokens(model: str | None, preset_name: str, convs) -> t
 def inspect_record(path: str, index: int, template: str, model: str | None, preset_name: str,
                    image_root: str | None, color: bool = True) -> str:
     convs = load_conversations(path, image_root, BadRecords("error", print))
+    if not convs:
+        raise DataError(f"{path}: holds no records")
     if not 0 <= index < len(convs):
         raise DataError(f"{path}: --index {index} is out of range (0..{len(convs) - 1})")
     tok, n_img, max_len, system = _tokenizer_and_image_tokens(model, preset_name, convs)

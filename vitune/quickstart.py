@@ -12,7 +12,7 @@ from pathlib import Path
 from vitune.data.builtin.shapes import generate_shapes
 from vitune.data.vqa_format import read_predictions, read_questions
 from vitune.evaluation.metrics import format_table
-from vitune.evaluation.runner import eval_vqa, run_predict
+from vitune.evaluation.runner import eval_vqa, partial_path, run_predict
 from vitune.files import atomic_write_json
 from vitune.presets import small
 from vitune.training.train import train
@@ -24,10 +24,13 @@ def quickstart(out: Path, n_train: int = 4000, n_test: int = 500, seed: int = 0)
     print(f"[1/3] generating shapes data in {data} ({n_train} train / {n_test} test images)")
     generate_shapes(data, n_train=n_train, n_test=n_test, seed=seed)
     print("[2/3] training the `small` preset: align (captions) then instruct (QA)")
-    model_dir = train(small(), {"align": str(data / "align.json"), "instruct": str(data / "instruct.json")}, out)
+    # a quickstart starts afresh each time (`overwrite`): it is the one command that may replace a run
+    model_dir = train(small(), {"align": str(data / "align.json"), "instruct": str(data / "instruct.json")}, out,
+                      overwrite=True).model
     print("[3/3] evaluating on the held-out test split")
     preds = out / "test_predictions.jsonl"
-    run_predict(str(model_dir), str(data / "test_questions.jsonl"), str(preds))
+    partial_path(preds).unlink(missing_ok=True)  # answers of an earlier run's model: never resumed
+    run_predict(str(model_dir), str(data / "test_questions.jsonl"), str(preds), overwrite=True)
     result = eval_vqa(str(data / "test_questions.jsonl"), str(data / "test_answers.jsonl"), read_predictions(preds))
     minutes = (time.perf_counter() - t0) / 60
     print(format_table(result))

@@ -31,7 +31,7 @@ from vitune.checkpoints.hf_import import _vit_key
 from vitune.checkpoints.model_folder import load_pretrained
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
-from vitune.files import atomic_dir
+from vitune.files import atomic_dir, check_output_dir
 from vitune.model.lora import merge_lora
 from vitune.model.vlm import VLM
 
@@ -198,7 +198,8 @@ def _load(hf, state: dict[str, torch.Tensor]) -> None:
     hf.load_state_dict(state, strict=False)
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    check_output_dir(out_dir, overwrite, {"model folder": model_dir})
     model, tok = load_pretrained(model_dir)
     check_exportable(model.cfg)  # before the slow transformers import
     hf, processor = to_hf(model, tok)

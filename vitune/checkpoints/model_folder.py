@@ -21,7 +21,7 @@ from vitune import __version__
 from vitune.checkpoints.pretrained import base_state, pretrained_parts
 from vitune.config import Config, ModelConfig, dump_yaml, from_dict, to_dict
 from vitune.data.tokenizer import Tokenizer
-from vitune.files import atomic_dir, naming
+from vitune.files import DataError, atomic_dir, naming, recover_dir
 from vitune.model.lora import is_lora_key
 from vitune.model.vlm import VLM
 
@@ -51,9 +51,22 @@ def stored_state(model: VLM, config: Config | None) -> tuple[dict[str, torch.Ten
     return {k: v for k, v in state_dict_for_save(model).items() if _stored(k, from_base)}, from_base
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    bad = non_finite(state)
+    if bad:
+        raise DataError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values, e.g. {bad[:3]}; "
+                        "such a model answers nonsense (the training that made it diverged)")
+
+
 def save_pretrained(model: VLM, tok: Tokenizer, folder: str | Path, config: Config | None = None) -> Path:
     folder = Path(folder)
     state, from_base = stored_state(model, config)
+    _check_finite(state, f"refusing to save the model to {folder}")
     meta = {"format": FORMAT, "vitune_version": __version__, "image_token_id": model.image_token_id,
             "from_base": from_base, "model": to_dict(model.cfg)}
     with atomic_dir(folder) as tmp:
@@ -68,6 +81,8 @@ def save_pretrained(model: VLM, tok: Tokenizer, folder: str | Path, config: Conf
 def resolve_model_dir(path: str | Path) -> Path:
     """Accept a model folder or a training output folder (which holds `model/`)."""
     path = Path(path)
+    recover_dir(path)
+    recover_dir(path / "model")
     if (path / "config.json").is_file():
         return path
     if (path / "model" / "config.json").is_file():
@@ -97,6 +112,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     state = base_state(cfg, from_base) if from_base else {}
     with naming(folder / "model.safetensors"):
         weights = load_file(str(folder / "model.safetensors"))
-    model.load_state_dict({**state, **weights}, strict=True)
+    _check_finite(weights, f"{folder / 'model.safetensors'}")
+    with naming(folder / "model.safetensors"):  # tensors that do not fit config.json's model
+        model.load_state_dict({**state, **weights}, strict=True)
     model.to(device=device, dtype=dtype).eval()
     return model, Tokenizer.load(folder)

@@ -1,12 +1,15 @@
 """Training: one importable loop over the stages of a config, made of named steps.
 
-    train(cfg, data, out)                 all stages, then OUT/model (the usable model folder)
+    train(cfg, data, out) -> TrainResult  all stages, then OUT/model (the usable model folder)
       prepare_data -> build_tokenizer -> build_model -> run_stage (per stage) -> save_pretrained
 
 Each stage says which parts train and at which learning rates (AdamW groups, warmup + cosine).
 Gradient accumulation normalises the loss by the target tokens of the whole accumulated batch.
-The state is saved every `save_every` steps and at each stage end; `resume=True` continues from
-it and reproduces the uninterrupted run's losses.
+The state is saved at each stage end, every `save_every` steps and every `save_every_minutes`
+(default 10), on Ctrl-C / SIGTERM (guard.py), and before a step whose loss or gradient is not
+finite (which stops the run: the step is never applied). `resume=True` continues from the state,
+after checking the config and data are the saved run's (run_folder.py), and reproduces the
+uninterrupted run's losses and weights exactly.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ from tqdm import tqdm
 
 from vitune.checkpoints.model_folder import save_pretrained
 from vitune.checkpoints.pretrained import build_vlm, pretrained_tokenizer
-from vitune.checkpoints.training_state import Position, load_state, read_position, save_state
-from vitune.config import Config, StageConfig, TrainConfig, dump_yaml
+from vitune.checkpoints.training_state import (
+    Position,
+    has_state,
+    load_state,
+    read_position,
+    read_saved_run,
+    save_state,
+)
+from vitune.config import Config, ConfigError, StageConfig, TrainConfig, dump_yaml
 from vitune.data.dataset import (
     BadRecords,
     BatchOrder,
@@ -41,7 +51,9 @@ from vitune.data.processor import Batch, ImageTransform, measure_stats
 from vitune.data.tokenizer import Tokenizer, byte_level, train_bpe
 from vitune.files import atomic_write_text
 from vitune.model.vlm import VLM
+from vitune.training.guard import SaveClock, StopSignals, TrainingError
 from vitune.training.metrics_log import MetricsLog
+from vitune.training.run_folder import check_out, check_resume, clear_run, data_fingerprints
 
 Log = Callable[[str], None]
 
@@ -49,6 +61,10 @@ Log = Callable[[str], None]
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but this machine (or this torch build) has no CUDA; use auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps but MPS is not available here; use auto or cpu")
     return torch.device(name)
 
 
@@ -159,30 +175,42 @@ def train_step(model: VLM, run: StageRun, step: int, cfg: Config, transform: Ima
         total_loss += loss.item()
         if nce is not None:
             total_nce = (total_nce or 0.0) + nce.item()
-    if tc.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], tc.grad_clip)
+    params = [p for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
+            else torch.nn.utils.get_total_norm([p.grad for p in params]))
+    if not (math.isfinite(total_loss) and math.isfinite(float(norm))):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"loss {total_loss}, gradient norm {float(norm)}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b.input_ids.numel()) for b in micro)
     return total_loss, total_nce, tokens, sum(b.input_ids.shape[0] for b in micro)
 
 
+class NonFinite(ArithmeticError):
+    """A step's loss or gradient is NaN or infinite (the step was not applied)."""
+
+
 @dataclass
 class Prepared:
     convs: list[list]
     bad: BadRecords
+    fingerprints: dict[str, str]
 
 
-def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log: Log) -> Prepared:
+def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log: Log,
+                 allow_outside: bool = False) -> Prepared:
     bad = BadRecords(cfg.train.on_bad_record, log)
-    convs = []
+    convs, files = [], {}
     for s in cfg.train.stages:
         path = data.get(s.name) or s.data
         if not path:
-            raise ValueError(f"stage {s.name!r} has no data: pass --data {s.name}=FILE or set train.stages.N.data")
-        extra = [c for p in s.mix_data for c in load_conversations(p, None, bad)]
-        convs.append(mix_in(load_conversations(path, image_root, bad), extra, s.mix_fraction))
-    return Prepared(convs, bad)
+            raise ConfigError(f"stage {s.name!r} has no data: pass --data {s.name}=FILE or set train.stages.N.data")
+        files[s.name] = path
+        extra = [c for p in s.mix_data for c in load_conversations(p, None, bad, allow_outside_root=allow_outside)]
+        convs.append(mix_in(load_conversations(path, image_root, bad, allow_outside_root=allow_outside), extra,
+                            s.mix_fraction))
+    return Prepared(convs, bad, data_fingerprints(cfg, files))
 
 
 def with_image_stats(cfg: Config, prep: Prepared, log: Log) -> Config:
@@ -196,26 +224,107 @@ def with_image_stats(cfg: Config, prep: Prepared, log: Log) -> Config:
     return replace(cfg, model=replace(cfg.model, vision=replace(v, image_mean=mean, image_std=std)))
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    model: Path | None      # the model folder; None when the run stopped early (`stop_after`)
+    state: Path             # the training state folder (OUT/state)
+    global_step: int
+
+    @property
+    def stopped(self) -> bool:
+        return self.model is None
+
+
+def _start(cfg: Config, prep: Prepared, out: Path, resume: bool, allow_change: bool, log: Log) -> Position | None:
+    """Where the run begins: the saved position once the saved run fits, or None: from the start
+    (also for `--resume` of a run killed before its first save, so a kill-and-resume loop works)."""
+    state_dir = out / "state"
+    if resume and not has_state(state_dir):
+        log(f"--resume: no training state saved in {state_dir} yet: starting from the beginning")
+        resume = False
+    if not resume:
+        clear_run(out)
+        return None
+    saved, saved_data = read_saved_run(state_dir)
+    diffs = check_resume(saved, saved_data, cfg, prep.fingerprints, allow_change, state_dir)
+    for d in diffs:
+        log(f"warning: resuming with a change (--allow-config-change): {d}")
+    return read_position(state_dir)
+
+
 def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = False,
           image_root: str | None = None, stop_after: int | None = None, log: Log = print,
-          progress: bool = True) -> Path:
-    """Run every stage; returns the model folder. `stop_after` (global steps) simulates a stop."""
-    out = Path(out)
+          progress: bool = True, overwrite: bool = False, allow_outside_images: bool = False,
+          allow_config_change: bool = False) -> TrainResult:
+    """Run every stage; returns where the model and state are. `stop_after` (global steps) stops
+    early with the state saved, as a kill would (without losing the step)."""
+    check_out(Path(out), resume, overwrite)
+    threads = torch.get_num_threads()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _train(cfg, data, Path(out), resume, image_root, stop_after, log, progress, allow_outside_images,
+                      allow_config_change)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _train(cfg: Config, data: dict[str, str], out: Path, resume: bool, image_root: str | None,
+           stop_after: int | None, log: Log, progress: bool, allow_outside_images: bool,
+           allow_config_change: bool) -> TrainResult:
     tc = cfg.train
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
     device = pick_device(tc.device)
     seed_everything(tc.seed)
-    prep = prepare_data(cfg, data, image_root, log)
+    prep = prepare_data(cfg, data, image_root, log, allow_outside_images)
     cfg = with_image_stats(cfg, prep, log)
     state_dir = out / "state"
-    if resume and not (state_dir / "trainer.json").is_file():
-        raise FileNotFoundError(f"--resume: no training state in {state_dir}")
+    start = _start(cfg, prep, out, resume, allow_config_change, log)
+    resume, pos = start is not None, start or Position()
     tok = Tokenizer.load(state_dir) if resume else build_tokenizer(cfg, conversation_texts([c for cs in prep.convs for c in cs]))
     model = build_model(cfg, tok).to(device)
-    pos = read_position(state_dir) if resume else Position()
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     metrics = MetricsLog(out, truncate_after=pos.global_step if resume else 0)
+    ctx = RunContext(cfg, tok, device, out, metrics, SaveClock(tc.save_every, tc.save_every_minutes),
+                     prep.fingerprints, log, progress)
+    try:
+        with StopSignals() as stop:
+            pos = _run_stages(model, prep, pos, resume, stop_after, ctx, stop)
+    finally:
+        metrics.close()
+    if stop_after is not None and pos.global_step >= stop_after and not _finished(pos, cfg):
+        log(f"stopped after {pos.global_step} steps; continue with --resume")
+        return TrainResult(None, state_dir, pos.global_step)
+    if prep.bad.skipped:
+        log(f"{prep.bad.skipped} bad record(s) skipped in total (see the messages above)")
+    return TrainResult(save_pretrained(model, tok, out / "model", cfg), state_dir, pos.global_step)
+
+
+def _finished(pos: Position, cfg: Config) -> bool:
+    return pos.stage >= len(cfg.train.stages)
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    cfg: Config
+    tok: Tokenizer
+    device: torch.device
+    out: Path
+    metrics: MetricsLog
+    clock: SaveClock
+    fingerprints: dict[str, str]
+    log: Log
+    progress: bool
+
+    def save(self, model: VLM, optimizer: torch.optim.Optimizer, pos: Position) -> None:
+        save_state(self.out / "state", model, optimizer, pos, self.tok, self.cfg, self.fingerprints)
+        self.clock.saved()
+
+
+def _run_stages(model: VLM, prep: Prepared, pos: Position, resume: bool, stop_after: int | None,
+                ctx: RunContext, stop: StopSignals) -> Position:
+    cfg, tc, tok, state_dir = ctx.cfg, ctx.cfg.train, ctx.tok, ctx.out / "state"
     transform = ImageTransform.for_vision(cfg.model.vision)
     loaded = not resume
     for si, stage in enumerate(tc.stages):
@@ -228,52 +337,64 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
         if stage.packing == "shared_prefix":
             n_samples = len(ts)
             ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
-            log(f"stage {stage.name!r}: {n_samples} samples packed into {len(ts)} rows (shared prefix)")
+            ctx.log(f"stage {stage.name!r}: {n_samples} samples packed into {len(ts)} rows (shared prefix)")
         order = BatchOrder([len(r[0]) for r in ts.rows], stage.batch_size, tc.seed + si, tc.group_by_length)
-        run = StageRun(si, stage, ts, order,
-                       build_optimizer(model, stage, tc), stage_steps(stage, len(ts)))
+        run = StageRun(si, stage, ts, order, build_optimizer(model, stage, tc), stage_steps(stage, len(ts)))
         start = pos.step if si == pos.stage else 0
+        if stop.requested:
+            raise stop.interrupted(f"stopped before stage {stage.name!r}; the state of the stages before it is in "
+                                   f"{state_dir}: continue with the same command and --resume")
         if start >= run.total:
+            pos = Position(si + 1, 0, pos.global_step)
             continue
         if not loaded:
             load_state(state_dir, model, run.optimizer if start > 0 else None)
             loaded = True
-        pos = run_stage(model, run, start, pos.global_step, cfg, transform, tok, device, out, metrics,
-                        stop_after, log, progress)
+        pos = run_stage(model, run, start, pos.global_step, ctx, stop_after, stop)
         if stop_after is not None and pos.global_step >= stop_after:
-            metrics.close()
-            log(f"stopped after {pos.global_step} steps; continue with --resume")
-            return out / "model"
+            return pos if pos.step < run.total else Position(si + 1, 0, pos.global_step)
+        pos = Position(si + 1, 0, pos.global_step)
     if not loaded:  # every stage was already complete in the saved state
         load_state(state_dir, model, None)
-    if prep.bad.skipped:
-        log(f"{prep.bad.skipped} bad record(s) skipped in total (see the messages above)")
-    metrics.close()
-    return save_pretrained(model, tok, out / "model", cfg)
+    return pos
 
 
-def run_stage(model, run: StageRun, start: int, global_step: int, cfg: Config, transform, tok,
-              device, out: Path, metrics: MetricsLog, stop_after, log: Log, progress: bool) -> Position:
-    stage = run.stage
-    log(f"stage {run.index + 1}/{len(cfg.train.stages)} {stage.name!r}: {len(run.data)} rows, "
-        f"{run.total} steps, training {', '.join(stage.train)}")
+def run_stage(model: VLM, run: StageRun, start: int, global_step: int, ctx: RunContext,
+              stop_after: int | None, stop: StopSignals) -> Position:
+    """Steps `start..total` of one stage. The state is saved when the clock says so, at the
+    stage end, at `stop_after`, when a signal asks to stop, and before a non-finite step."""
+    stage, cfg = run.stage, ctx.cfg
+    ctx.log(f"stage {run.index + 1}/{len(cfg.train.stages)} {stage.name!r}: {len(run.data)} rows, "
+            f"{run.total} steps, training {', '.join(stage.train)}")
     model.train()
-    bar = tqdm(total=run.total, initial=start, desc=stage.name, disable=not progress, dynamic_ncols=True)
+    transform = ImageTransform.for_vision(cfg.model.vision)
+    bar = tqdm(total=run.total, initial=start, desc=stage.name, disable=not ctx.progress, dynamic_ncols=True)
     pos = Position(run.index, start, global_step)
     t0, tok_count = time.perf_counter(), 0
     for step in range(start, run.total):
-        loss, nce, n_tok, n_samples = train_step(model, run, step, cfg, transform, tok.special.eos, device)
+        try:
+            loss, nce, n_tok, n_samples = train_step(model, run, step, cfg, transform, ctx.tok.special.eos, ctx.device)
+        except NonFinite as e:
+            ctx.save(model, run.optimizer, pos)
+            raise TrainingError(
+                f"stage {stage.name!r} step {step + 1} (global step {pos.global_step + 1}): {e}; the step was not "
+                f"applied and the state before it is saved in {ctx.out / 'state'}. Lower the learning rate (or "
+                "check the data), then resume with --resume --allow-config-change") from None
         tok_count += n_tok
         pos = Position(run.index, step + 1, pos.global_step + 1)
         dt = time.perf_counter() - t0
-        metrics.write({"stage": stage.name, "step": step + 1, "global_step": pos.global_step, "loss": loss,
-                       "contrastive_loss": nce, "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_count / dt})
+        ctx.metrics.write({"stage": stage.name, "step": step + 1, "global_step": pos.global_step, "loss": loss,
+                           "contrastive_loss": nce, "lr": run.optimizer.param_groups[0]["lr"],
+                           "tokens_per_s": tok_count / dt})
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_count / dt:.0f}")
         bar.update(1)
         stopping = stop_after is not None and pos.global_step >= stop_after
-        every = cfg.train.save_every
-        if stopping or step + 1 == run.total or (every and (step + 1) % every == 0):
-            save_state(out / "state", model, run.optimizer, pos, tok, cfg)
+        if stopping or stop.requested or step + 1 == run.total or ctx.clock.due(step + 1):
+            ctx.save(model, run.optimizer, pos)
+        if stop.requested:
+            bar.close()
+            raise stop.interrupted(f"the state after global step {pos.global_step} is saved in {ctx.out / 'state'}; "
+                                   "continue with the same command and --resume")
         if stopping:
             break
     bar.close()
