@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vitune.checkpoints.model_folder import save_pretrained
+from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.data.vqa_format import Question, read_predictions
 from vitune.evaluation.metrics import (
     UNCATEGORISED,
@@ -110,7 +111,7 @@ def test_predict_answers_in_question_order_loading_each_image_once(images):
     rows = predict_vqa(fake, questions, images, batch_size=8, progress=False)
     assert [r["question_id"] for r in rows] == [0, "x", 2]
     texts = [r["text"].split("|") for r in rows]
-    assert [t[0] for t in texts] == ["<image>\nzero", "<image>\none", "<image>\ntwo"]  # image tag first
+    assert [t[0] for t in texts] == [f"{IMAGE_SLOT}\n{w}" for w in ("zero", "one", "two")]  # the image first
     assert texts[0][1] == texts[2][1] != texts[1][1]  # one image object per file: shared prefixes stay possible
     assert len(fake.batches) == 2 and all(gen == VQA_GENERATION for _, gen in fake.batches)
     reqs = fake.batches[0][0]
@@ -141,10 +142,13 @@ def test_eval_reads_the_files_and_scores_per_category(tmp_path):
 
 
 def test_eval_without_categories_has_no_breakdown(tmp_path):
-    qs = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "a.png", "text": "?"}])
-    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "answer": "yes"}])
-    r = eval_vqa(str(qs), str(ans), {})
+    qs = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "a.png", "text": "?"},
+                                            {"question_id": 2, "image": "a.png", "text": "?"}])
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "no"}])
+    r = eval_vqa(str(qs), str(ans), {2: "yes"})
     assert (r.per_category, r.missing, r.accuracy) == ({}, (1,), 0.0)
+    with pytest.raises(DataError, match="holds no predictions"):  # nothing to score is an error, not 0 %
+        eval_vqa(str(qs), str(ans), {})
 
 
 def test_run_predict_with_a_model_folder_and_an_image_root(tok, images, tmp_path, one_thread):
@@ -162,7 +166,7 @@ def test_run_predict_with_a_model_folder_and_an_image_root(tok, images, tmp_path
     qs = write_jsonl(qdir / "q.jsonl", [{"question_id": i, "image": im, "text": "colour?"}
                                         for i, im in enumerate(["a.png", "b.png", "a.png"])])
     out = tmp_path / "preds.jsonl"
-    assert run_predict(str(model_dir), str(qs), str(out), image_root=str(images), progress=False) == 3
+    assert run_predict(str(model_dir), str(qs), str(out), image_root=str(images), progress=False).n == 3
     preds = read_predictions(out)
     assert sorted(preds) == [0, 1, 2] and all(isinstance(t, str) for t in preds.values())
     with pytest.raises(DataError, match="question 0: image not found"):  # default root: the questions' folder

@@ -9,13 +9,28 @@ Run `vitune COMMAND --help` for each command's options.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from vitune.config import ConfigError, apply_overrides, load_yaml
 from vitune.files import DataError
+from vitune.training.guard import Interrupted, TrainingError
+
+
+def at_least(lo: int):
+    """An argparse type: an integer >= lo (a clear usage error otherwise, naming the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse
 
 
 def _config(args):
@@ -28,12 +43,14 @@ def _config(args):
     return apply_overrides(cfg, args.overrides)
 
 
-def _data_map(items: list[str]) -> dict[str, str]:
-    """`--data FILE` (every stage) or `--data STAGE=FILE`."""
+def _data_map(items: list[str], stages: list[str]) -> dict[str, str]:
+    """`--data FILE` (every stage) or `--data STAGE=FILE`; a STAGE that is not a stage is refused."""
     out: dict[str, str] = {}
     for item in items:
         stage, sep, path = item.partition("=")
         if sep and not Path(item).exists():
+            if stage not in stages:
+                raise ConfigError(f"--data {item}: no stage named {stage!r}; the stages are {stages}")
             out[stage] = path
         else:
             out["*"] = item
@@ -43,11 +60,16 @@ def _data_map(items: list[str]) -> dict[str, str]:
 def cmd_train(args) -> None:
     from vitune.training.train import train
     cfg = _config(args)
-    data = _data_map(args.data)
+    data = _data_map(args.data, [s.name for s in cfg.train.stages])
     per_stage = {s.name: data.get(s.name) or data.get("*") or s.data for s in cfg.train.stages}
-    folder = train(cfg, per_stage, args.out, resume=args.resume, image_root=args.image_root,
-                   stop_after=args.stop_after)
-    print(f"model saved to {folder}\nchat with it:  vitune chat --model {folder} --image IMAGE \"question\"")
+    result = train(cfg, per_stage, args.out, resume=args.resume, image_root=args.image_root,
+                   stop_after=args.stop_after, overwrite=args.overwrite,
+                   allow_outside_images=args.allow_outside_images, allow_config_change=args.allow_config_change)
+    if result.stopped:
+        print(f"stopped after {result.global_step} steps; the training state is in {result.state}\n"
+              f"continue with the same command and --resume")
+        return
+    print(f"model saved to {result.model}\nchat with it:  vitune chat --model {result.model} --image IMAGE \"question\"")
 
 
 def _gen(args):
@@ -69,51 +91,122 @@ def _printer():
 
 
 def cmd_chat(args) -> None:
-    from vitune.data.chat import Message
+    """A question given: answer it and end. None: an interactive session that keeps going on bad
+    input (an error, such as a message too long for the model, is shown, the message dropped and
+    the next one read; Ctrl-C during a reply stops that reply; empty lines are ignored; `exit`,
+    `quit` or the end of input ends it). A conversation that outgrows the model's max_seq_len
+    drops its oldest exchanges, with a notice; the images stay: they move from the first question
+    to the oldest question kept."""
+    from vitune.data.chat import Message, render
     from vitune.data.processor import load_image
     from vitune.inference.assistant import Assistant, Request, user_turn
-    assistant = Assistant.load(args.model)
+    gen = _gen(args)  # bad values: an error before the model loads
     images = [load_image(p) for p in args.image]
+    assistant = Assistant.load(args.model)
+    max_len = assistant.model.cfg.lm.max_seq_len
+
+    def fits(msgs: list[Message]) -> bool:  # the rule of Assistant.prompt_ids
+        r = render(assistant.tok, msgs, assistant.template, assistant.model.n_image_tokens,
+                   add_generation_prompt=True, system_prompt=assistant.model.cfg.system_prompt)
+        return len(r.input_ids) + gen.max_new_tokens <= max_len
+
+    def fit(msgs: list[Message]) -> tuple[list[Message], int]:
+        dropped = 0
+        while len(msgs) > 1 and not fits(msgs):  # user, assistant, ..., user: drop the oldest pair
+            msgs = msgs[2:]
+            if images:  # the first message holds the images: so does the one that is first now
+                msgs[0] = user_turn(msgs[0].text, len(images))  # a follow-up's text is as typed
+            dropped += 1
+        return msgs, dropped
+
+    interactive = not args.question
     messages: list[Message] = []
     question = " ".join(args.question)
     while True:
-        if not question:
+        if interactive:
             try:
                 question = input("you> ").strip()
             except EOFError:
+                print()
                 return
-            if question in ("", "exit", "quit"):
+            if question in ("exit", "quit"):
                 return
-        messages.append(user_turn(question, len(images)) if not messages else Message("user", question))
-        reply = assistant.answer(Request(images, messages), _gen(args), on_text=_printer())
+            if not question:
+                continue
+        try:
+            turn = user_turn(question, len(images) if not messages else 0)
+        except ValueError as e:
+            if not interactive:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history, dropped = fit([*messages, turn])
+        if dropped:
+            kept = "; the image stays, now with the oldest question kept" if images else ""
+            print(f"note: the conversation outgrew the model's context ({max_len} tokens, {gen.max_new_tokens} of "
+                  f"them for the reply): dropped its oldest {dropped} exchange(s){kept}", file=sys.stderr)
+        try:
+            reply = assistant.answer(Request(images, history), gen, on_text=_printer())
+        except ValueError as e:
+            if not interactive:
+                raise
+            print(f"error: {e}\n(that message is dropped; the conversation goes on)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n(reply stopped; the conversation goes on)", file=sys.stderr)
+            continue
         print()
-        messages.append(Message("assistant", reply))
-        if args.question:
+        if not interactive:
             return
-        question = ""
+        messages = [*history, Message("assistant", reply)]
 
 
 def cmd_predict(args) -> None:
     from vitune.evaluation.runner import run_predict
-    n = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size, precision=args.precision)
-    print(f"wrote {n} predictions to {args.out}")
+    report = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size,
+                         precision=args.precision, on_bad_record=args.on_bad_record, overwrite=args.overwrite)
+    print(report.summary())
 
 
 def cmd_eval(args) -> None:
+    """Scores `--predictions`, or a model's answers: `eval --model` writes them to `--out-predictions`
+    (or beside `--out`: scores.json -> scores.predictions.jsonl), never into the model folder."""
     from vitune.data.vqa_format import read_predictions
     from vitune.evaluation.metrics import format_table
-    from vitune.evaluation.runner import TASKS, run_predict
+    from vitune.evaluation.runner import TASKS, check_output, run_predict
     from vitune.files import atomic_write_json
     if bool(args.model) == bool(args.predictions):
         raise ConfigError("give exactly one of --model DIR or --predictions FILE")
+    if args.predictions and args.out_predictions:
+        raise ConfigError("--out-predictions is where `eval --model` writes its answers; with --predictions it has "
+                          "no use")
     preds_path = args.predictions
+    inputs = {"questions file": args.questions, "answers file": args.answers}
     if args.model:
-        preds_path = args.out_predictions or str(Path(args.model) / "predictions.jsonl")
-        run_predict(args.model, args.questions, preds_path, args.image_root, args.batch_size, precision=args.precision)
-    result = TASKS[args.task](args.questions, args.answers, read_predictions(preds_path))
-    print(format_table(result))
+        if not args.out_predictions and not args.out:
+            raise ConfigError("eval --model writes the model's predictions to a file, never into the model folder: "
+                              "give --out-predictions FILE, or --out SCORES.json (the predictions then go beside it, "
+                              "to SCORES.predictions.jsonl)")
+        out = Path(args.out) if args.out else None
+        preds_path = args.out_predictions or str(out.with_name(out.stem + ".predictions.jsonl"))
+        flag = "--out-predictions" if args.out_predictions else "the predictions file (beside --out)"
+        check_output(preds_path, {**inputs, "--out scores file": args.out}, args.overwrite, flag)
     if args.out:
-        atomic_write_json(args.out, dataclasses.asdict(result))
+        check_output(args.out, {**inputs, "predictions file": preds_path}, overwrite=True, sidecars=False)
+    if args.model:
+        report = run_predict(args.model, args.questions, preds_path, args.image_root, args.batch_size,
+                             precision=args.precision, on_bad_record=args.on_bad_record, overwrite=args.overwrite)
+        print(report.summary())
+    result = TASKS[args.task](args.questions, args.answers, read_predictions(preds_path),
+                              predictions_name=str(preds_path))
+    print(format_table(result))
+    if result.n_missing:
+        print(f"warning: the predictions cover only {result.n_answered} of the {result.n} scored questions; the "
+              f"other {result.n_missing} count as wrong", file=sys.stderr)
+    if args.out:
+        atomic_write_json(args.out, result.to_dict())
 
 
 def cmd_data_shapes(args) -> None:
@@ -139,12 +232,12 @@ def cmd_quickstart(args) -> None:
 
 def cmd_merge(args) -> None:
     from vitune.checkpoints.merge import merge_folder
-    print(f"merged model saved to {merge_folder(args.model, args.out)}")
+    print(f"merged model saved to {merge_folder(args.model, args.out, overwrite=args.overwrite)}")
 
 
 def cmd_export(args) -> None:
     from vitune.checkpoints.export_hf import export_hf
-    print(f"exported to {export_hf(args.model, args.out)} (load with transformers' "
+    print(f"exported to {export_hf(args.model, args.out, overwrite=args.overwrite)} (load with transformers' "
           "LlavaForConditionalGeneration / AutoProcessor)")
 
 
@@ -158,13 +251,17 @@ def cmd_data_text_chat(args) -> None:
     print(write_text_chat(args.out, args.lm, max_new_tokens=args.max_new_tokens))
 
 
+def _overwrite_arg(p) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
 def _model_parsers(sub) -> None:
     p = sub.add_parser("merge", help="fold a model's LoRA adapters into its weights: a standalone folder")
-    p.add_argument("model"), p.add_argument("out")
+    p.add_argument("model"), p.add_argument("out"), _overwrite_arg(p)
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("export", help="write a model in another framework's format")
     p.add_argument("--format", choices=["hf"], required=True, help="hf: transformers' LLaVA + processor")
-    p.add_argument("model"), p.add_argument("out")
+    p.add_argument("model"), p.add_argument("out"), _overwrite_arg(p)
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("convert", help="convert a packaged pretrained checkpoint once (cached)")
     p.add_argument("source", choices=["smollm2"]), p.add_argument("--cache-dir")
@@ -178,34 +275,76 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--image-root")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds an earlier run")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even though the config or data differ from the saved run's (named in the error)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="let image paths point outside the data file's folder (or --image-root)")
     p.add_argument("--on-bad-record", choices=["error", "skip"])
-    p.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps in all")
+    p.add_argument("--stop-after", type=at_least(1), help="stop (saving the state) after this many steps in all")
     p.add_argument("overrides", nargs="*", help="config overrides: train.stages.0.steps=100 model.lm.layers=6")
     p.set_defaults(fn=cmd_train)
 
 
 def _use_parsers(sub) -> None:
+    def positive_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        return value
+
+    def temperature(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (0 <= value < float("inf")):  # nan fails too
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text!r}")
+        return value
+
+    def top_p(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (0 < value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+        return value
+
+    def robust(q) -> None:
+        q.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
+                       help="a question with a missing or corrupt image, a wrong <image> count or a too long prompt: "
+                            "stop naming it (error, default) or skip it into OUT.errors.jsonl (skip)")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing predictions file")
+
     p = sub.add_parser("chat", help="ask about an image (streams); no question: interactive")
     p.add_argument("--model", required=True)
     p.add_argument("--image", action="append", default=[], help="repeatable; none: a text-only chat")
     p.add_argument("question", nargs="*")
     for q in [p]:
-        q.add_argument("--max-new-tokens", type=int, default=64)
-        q.add_argument("--temperature", type=float, default=0.0)
-        q.add_argument("--top-p", type=float, default=1.0)
+        q.add_argument("--max-new-tokens", type=positive_int, default=64)
+        q.add_argument("--temperature", type=temperature, default=0.0)
+        q.add_argument("--top-p", type=top_p, default=1.0)
         q.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_chat)
-    p = sub.add_parser("predict", help="answer a questions JSONL file")
+    p = sub.add_parser("predict", help="answer a questions JSONL file (resumes an interrupted run)")
     p.add_argument("--model", required=True), p.add_argument("--questions", required=True)
-    p.add_argument("--out", required=True), p.add_argument("--image-root")
-    p.add_argument("--batch-size", type=int, default=32), _precision_arg(p)
+    p.add_argument("--out", required=True, help="the predictions JSONL (written as OUT.partial until done)")
+    p.add_argument("--image-root")
+    p.add_argument("--batch-size", type=positive_int, default=32), _precision_arg(p), robust(p)
     p.set_defaults(fn=cmd_predict)
     p = sub.add_parser("eval", help="score predictions (or a model) on a task")
     p.add_argument("--task", choices=["vqa"], default="vqa")
     p.add_argument("--questions", required=True), p.add_argument("--answers", required=True)
     p.add_argument("--model"), p.add_argument("--predictions")
-    p.add_argument("--out", help="write the scores as JSON"), p.add_argument("--out-predictions")
-    p.add_argument("--image-root"), p.add_argument("--batch-size", type=int, default=32), _precision_arg(p)
+    p.add_argument("--out", help="write the scores as JSON")
+    p.add_argument("--out-predictions", help="with --model: where its predictions go (default: beside --out, "
+                                             "SCORES.predictions.jsonl)")
+    p.add_argument("--image-root"), p.add_argument("--batch-size", type=positive_int, default=32), _precision_arg(p)
+    robust(p)
     p.set_defaults(fn=cmd_eval)
 
 
@@ -217,19 +356,19 @@ def _precision_arg(p) -> None:
 def _data_parsers(sub) -> None:
     d = sub.add_parser("data", help="built-in data sets and data inspection").add_subparsers(dest="data_cmd", required=True)
     p = d.add_parser("shapes", help="generate the synthetic shapes scenes data set")
-    p.add_argument("--out", required=True), p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-test", type=int, default=500), p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True), p.add_argument("--n-train", type=at_least(1), default=4000)
+    p.add_argument("--n-test", type=at_least(1), default=500), p.add_argument("--seed", type=at_least(0), default=0)
     p.set_defaults(fn=cmd_data_shapes)
     p = d.add_parser("easy-vqa", help="convert the packaged easy-VQA data set")
-    p.add_argument("--out", required=True), p.add_argument("--max-train", type=int)
-    p.add_argument("--max-test", type=int), p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True), p.add_argument("--max-train", type=at_least(1))
+    p.add_argument("--max-test", type=at_least(1)), p.add_argument("--seed", type=at_least(0), default=0)
     p.set_defaults(fn=cmd_data_easy_vqa)
     p = d.add_parser("text-chat", help="text-only chats: a pretrained LM's own answers to built-in prompts")
     p.add_argument("--out", required=True), p.add_argument("--lm", default="smollm2-135m-instruct")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=96)
     p.set_defaults(fn=cmd_data_text_chat)
     p = d.add_parser("inspect", help="show a rendered record: trained tokens highlighted, masked ones dim")
-    p.add_argument("file"), p.add_argument("--index", type=int, default=0)
+    p.add_argument("file"), p.add_argument("--index", type=at_least(0), default=0)
     p.add_argument("--template", choices=["plain", "chatml"], default="chatml")
     p.add_argument("--model", help="use this model's tokenizer"), p.add_argument("--preset", default="small")
     p.add_argument("--image-root"), p.add_argument("--no-color", action="store_true")
@@ -238,28 +377,65 @@ def _data_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitune", description="visual instruction tuning")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _data_parsers(sub)
     _train_parser(sub)
     _use_parsers(sub)
     _model_parsers(sub)
     p = sub.add_parser("quickstart", help="generate shapes data, train `small`, evaluate, print the table")
-    p.add_argument("--out", default="runs/quickstart"), p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-test", type=int, default=500), p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/quickstart"), p.add_argument("--n-train", type=at_least(1), default=4000)
+    p.add_argument("--n-test", type=at_least(1), default=500), p.add_argument("--seed", type=at_least(0), default=0)
     p.set_defaults(fn=cmd_quickstart)
     return parser
+
+
+ISSUES_URL = "https://github.com/vitune/vitune/issues"
+
+
+def _os_message(e: OSError) -> str:
+    """`[Errno 21] Is a directory: 'x'` -> `x: is a directory`."""
+    if e.filename is None:
+        return str(e)
+    what = (e.strerror or str(e)).lower()
+    return f"{e.filename}: {what}" + (f" (-> {e.filename2})" if e.filename2 else "")
+
+
+def _report(cmd: str, e: BaseException, debug: bool) -> int:
+    """The one error path: expected failures name what is wrong (exit 2); anything else is a bug."""
+    if debug:
+        traceback.print_exc()
+    if isinstance(e, Interrupted):
+        print(f"vitune {cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    if isinstance(e, (ConfigError, DataError, TrainingError)):
+        msg = str(e)
+    elif isinstance(e, OSError):
+        msg = _os_message(e)
+    elif isinstance(e, ValueError):
+        msg = str(e)
+    elif isinstance(e, KeyboardInterrupt):
+        print(f"vitune {cmd}: interrupted", file=sys.stderr)
+        return 130
+    else:
+        print(f"vitune {cmd}: internal error: {type(e).__name__}: {e}\nThis is a bug in vitune. Please report it "
+              f"at {ISSUES_URL} with the command; rerun with --debug (or VITUNE_DEBUG=1) for the traceback.",
+              file=sys.stderr)
+        return 1
+    print(f"vitune {cmd}: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("VITUNE_DEBUG", "") not in ("", "0")
     try:
         args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"vitune {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as e:  # noqa: BLE001 - every failure leaves through _report
+        if isinstance(e, SystemExit):
+            raise
+        return _report(args.cmd, e, debug)
     return 0
 
 

@@ -95,10 +95,17 @@ def read_answers(path: str | os.PathLike) -> dict[QuestionId, list[str]]:
     return {_question_id(row, where, seen): _answer_list(row, where) for where, row in _records(path)}
 
 
+def prediction_row(row: Any, where: str, seen: set) -> tuple[QuestionId, str]:
+    """One prediction record checked: an object with a question_id not in `seen` (added) and a text."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return _question_id(row, where, seen), _field(row, "text", str, where)
+
+
 def read_predictions(path: str | os.PathLike) -> dict[QuestionId, str]:
     """question_id → predicted answer text."""
     seen: set = set()
-    return {_question_id(row, where, seen): _field(row, "text", str, where) for where, row in _records(path)}
+    return dict(prediction_row(row, where, seen) for where, row in _records(path))
 
 
 def write_predictions(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> int:

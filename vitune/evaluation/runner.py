@@ -1,44 +1,134 @@
 """Evaluation runners: VQA-style tasks from the LLaVA evaluation format.
 
-`predict_vqa` answers a questions file with a model (batched, with a progress bar) and
-`eval_vqa` scores predictions against reference answers, overall and per category.
+`predict_vqa` answers questions with a model (batched, with a progress bar), `run_predict` does it
+for a questions file into a predictions file, and `eval_vqa` scores predictions against reference
+answers, overall and per category, with its coverage explicit.
+
+`run_predict` never loses work and never writes where it must not:
+- the output is checked before the model loads: not a folder, its folder writable or creatable,
+  not one of the inputs, and not an existing file unless `overwrite` (`check_output`);
+- answers are appended batch by batch to `OUT.partial` (flushed and fsynced), whose first line
+  names the questions file and the model; at the end they are written to OUT in question order
+  (atomically) and the partial file is removed. Rerunning the same command after an interruption
+  keeps the answers there (a half-written last line is dropped) and answers only the rest; a
+  partial file of other questions or another model is an error asking to delete it;
+- `on_bad_record="error"` (default) stops at the first question whose image is missing or corrupt,
+  whose `<image>` tags do not match its image, or whose prompt is too long, naming the question
+  (the answers so far stay in OUT.partial); `"skip"` writes such questions to `OUT.errors.jsonl`
+  ({"question_id", "error"}) and answers the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable, Iterator, Mapping
 
+from PIL import Image
 from tqdm import tqdm
 
+from vitune.checkpoints.model_folder import resolve_model_dir
 from vitune.data.processor import load_image
-from vitune.data.vqa_format import Question, read_answers, read_questions, write_predictions
-from vitune.evaluation.metrics import VQAResult, vqa_exact_match
+from vitune.data.vqa_format import (
+    Question,
+    QuestionId,
+    prediction_row,
+    read_answers,
+    read_questions,
+    write_predictions,
+)
+from vitune.evaluation.metrics import VQAResult, id_type_mismatch, vqa_exact_match
+from vitune.files import DataError, atomic_write_jsonl
 from vitune.inference.assistant import Assistant, Request, user_turn
 from vitune.inference.generate import GenerationConfig
 
 # Short answers are what VQA references hold; keep generation bounded.
 VQA_GENERATION = GenerationConfig(max_new_tokens=16)
+BAD_RECORD_POLICIES = ("error", "skip")
+PARTIAL_FORMAT = "vitune-partial-predictions"
+
+Answered = list[tuple[Question, str]]
+
+
+def _check_policy(on_bad_record: str) -> None:
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"on_bad_record must be one of {list(BAD_RECORD_POLICIES)}, got {on_bad_record!r}")
+
+
+def predict_batches(
+    assistant: Assistant, questions: list[Question], image_root: Path, batch_size: int = 32,
+    gen: GenerationConfig = VQA_GENERATION, on_bad_record: str = "error", progress: bool = True,
+) -> Iterator[tuple[Answered, list[dict]]]:
+    """Yield each batch's `(answered (question, text) pairs, errors)` as it is done; an image's
+    questions are batched together, so the prompt start they share (system prompt and image tokens)
+    runs once per batch (`Assistant.answer_batch`). A bad question raises a `DataError` naming it
+    (`on_bad_record="error"`, after yielding what its batch answered) or becomes an error row
+    {"question_id", "error"} (`"skip"`)."""
+    _check_policy(on_bad_record)
+    cache: dict[str, Image.Image | DataError] = {}
+    with tqdm(total=len(questions), desc="predict", disable=not progress, dynamic_ncols=True) as bar:
+        for chunk in _batches(questions, batch_size):
+            cache = {q.image: cache[q.image] for q in chunk if q.image in cache}  # only the images still asked about
+            items, errors = [], []
+            for q in chunk:
+                try:
+                    items.append((q, _request(image_root, q, cache)))
+                except DataError as e:
+                    if on_bad_record == "error":
+                        raise
+                    errors.append({"question_id": q.question_id, "error": str(e)})
+            answered, failure = _answer(assistant, items, gen, on_bad_record, errors)
+            bar.update(len(chunk))
+            yield answered, errors
+            if failure is not None:
+                raise failure
+
+
+def _answer(assistant: Assistant, items: list[tuple[Question, Request]], gen: GenerationConfig,
+            on_bad_record: str, errors: list[dict]) -> tuple[Answered, DataError | None]:
+    """The batch's answers; if it is refused (a request's `<image>` count or length: the
+    assistant's errors name no question), one by one to find and name the bad question(s)."""
+    if not items:
+        return [], None
+    try:
+        return list(zip((q for q, _ in items), assistant.answer_batch([r for _, r in items], gen), strict=True)), None
+    except ValueError:
+        pass
+    out: Answered = []
+    for q, r in items:
+        try:
+            out.append((q, assistant.answer_batch([r], gen)[0]))
+        except ValueError as e:
+            err = DataError(f"question {q.question_id!r}: {e}")
+            if on_bad_record == "error":
+                return out, err
+            errors.append({"question_id": q.question_id, "error": str(err)})
+    return out, None
 
 
 def predict_vqa(
     assistant: Assistant, questions: list[Question], image_root: Path, batch_size: int = 32,
-    gen: GenerationConfig = VQA_GENERATION, progress: bool = True,
+    gen: GenerationConfig = VQA_GENERATION, progress: bool = True, on_bad_record: str = "error",
+    errors: list[dict] | None = None,
 ) -> list[dict]:
-    """Answers in question order. An image's questions are batched together, so the prompt start
-    they share (system prompt and image tokens) runs once per batch (`Assistant.answer_batch`)."""
-    answers, cache = {}, {}
-    with tqdm(total=len(questions), desc="predict", disable=not progress, dynamic_ncols=True) as bar:
-        for chunk in _batches(questions, batch_size):
-            reqs = [Request([_image(image_root, q, cache)], [user_turn(q.text, 1)]) for q in chunk]
-            for q, t in zip(chunk, assistant.answer_batch(reqs, gen)):
-                answers[id(q)] = t
-            bar.update(len(chunk))
-    return [{"question_id": q.question_id, "text": answers[id(q)]} for q in questions]
+    """Answers in question order (`predict_batches`); with `on_bad_record="skip"` the skipped
+    questions are left out and their error rows appended to `errors` (when given)."""
+    answers = {}
+    for answered, errs in predict_batches(assistant, questions, image_root, batch_size, gen, on_bad_record, progress):
+        answers.update((id(q), t) for q, t in answered)
+        if errors is not None:
+            errors += errs
+    return [{"question_id": q.question_id, "text": answers[id(q)]} for q in questions if id(q) in answers]
 
 
 def _batches(questions: list[Question], batch_size: int) -> list[list[Question]]:
     """Batches of one image's questions where it has several; the other questions batched together."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     by_image: dict[str, list[Question]] = {}
     for q in questions:
         by_image.setdefault(q.image, []).append(q)
@@ -48,26 +138,247 @@ def _batches(questions: list[Question], batch_size: int) -> list[list[Question]]
     return out + [singles[i:i + batch_size] for i in range(0, len(singles), batch_size)]
 
 
-def _image(root: Path, q: Question, cache: dict):
+def _request(root: Path, q: Question, cache: dict) -> Request:
+    image = _image(root, q, cache)
+    try:
+        turn = user_turn(q.text, 1)
+    except ValueError as e:  # text the user turn refuses
+        raise DataError(f"question {q.question_id!r}: {e}") from None
+    return Request([image], [turn])
+
+
+def _image(root: Path, q: Question, cache: dict) -> Image.Image:
+    """The question's image, loaded once per batch group; a bad one is remembered as its error."""
     if q.image not in cache:
-        cache[q.image] = load_image(root / q.image, f"question {q.question_id!r}")
-    return cache[q.image]
+        try:
+            cache[q.image] = load_image(root / q.image)
+        except DataError as e:
+            cache[q.image] = e
+    got = cache[q.image]
+    if isinstance(got, DataError):
+        raise DataError(f"question {q.question_id!r}: {got}")
+    return got
+
+
+# -- predictions files ------------------------------------------------------------------------------
+
+def partial_path(out: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(out)}.partial")
+
+
+def errors_path(out: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(out)}.errors.jsonl")
+
+
+def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], overwrite: bool = False,
+                 flag: str = "--out", sidecars: bool = True) -> Path:
+    """Refuse, before any work, an output file path that is a folder, whose folder cannot be
+    written or created, that is (or whose `.partial` / `.errors.jsonl` is) one of the `inputs`
+    (name → path), or that exists already (unless `overwrite`)."""
+    text = os.fspath(out)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise DataError(f"{flag} {text}: is a folder; give a file path, such as {path / 'predictions.jsonl'}")
+    targets = [path, *([partial_path(path), errors_path(path)] if sidecars else [])]
+    for name, given in inputs.items():
+        if given is None:
+            continue
+        for t in targets:
+            if t.resolve() == Path(given).resolve():
+                what = text if t == path else f"{text} (its {t.name})"
+                raise DataError(f"{flag} {what} would overwrite the {name} {os.fspath(given)}; choose another path")
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{flag} {text}: cannot create its folder: {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {text}: cannot write in {folder} (permission denied)")
+    if path.exists() and not overwrite:
+        raise DataError(f"{flag} {text} already exists; pass --overwrite to replace it, or choose another path")
+    return path
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    out: Path
+    n: int  # predictions written to `out`, resumed ones included
+    n_questions: int
+    resumed: int = 0  # answers kept from an interrupted run's partial file
+    skipped: int = 0  # questions written to `errors_file` instead (on_bad_record="skip")
+    errors_file: Path | None = None
+
+    def summary(self) -> str:
+        text = f"wrote {self.n} predictions to {self.out}"
+        if self.skipped:
+            text += f"; {self.skipped} questions skipped (see {self.errors_file})"
+        return text
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: str | None = None,
-                batch_size: int = 32, progress: bool = True, precision: str = "fp32") -> int:
-    questions = read_questions(questions_path)
-    assistant = Assistant.load(model_dir, precision=precision)
+                batch_size: int = 32, progress: bool = True, precision: str = "fp32", on_bad_record: str = "error",
+                overwrite: bool = False, gen: GenerationConfig = VQA_GENERATION,
+                log: Callable[[str], None] = _log) -> PredictReport:
+    """Answer a questions file into a predictions file; see the module docstring for the checks,
+    the partial file (resume) and the bad-question policies. `log` gets the resume notice."""
+    _check_policy(on_bad_record)
+    _batches([], batch_size)  # checks it
     root = Path(image_root) if image_root else Path(questions_path).parent
-    rows = predict_vqa(assistant, questions, root, batch_size, progress=progress)
-    return write_predictions(out_path, rows)
-
-
-def eval_vqa(questions_path: str, answers_path: str, predictions: dict) -> VQAResult:
+    out = check_output(out_path, {"questions file": questions_path, "model folder": model_dir,
+                                  "image root": image_root}, overwrite)
+    folder = resolve_model_dir(model_dir)
     questions = read_questions(questions_path)
-    categories = {q.question_id: q.category for q in questions if q.category}
+    if on_bad_record == "error":  # a missing image stops the run before the model loads
+        first = {}
+        for q in questions:
+            first.setdefault(q.image, q)
+        for image, q in first.items():
+            if not (root / image).is_file():
+                raise DataError(f"question {q.question_id!r}: image not found: {root / image}")
+    partial = partial_path(out)
+    weights = (folder / "model.safetensors").stat()
+    header = {"format": PARTIAL_FORMAT, "questions": str(Path(questions_path).resolve()), "model": str(folder.resolve()),
+              "weights": f"{weights.st_size}:{weights.st_mtime_ns}"}  # a model saved again since: not the same one
+    kept = _resume(partial, header, questions, questions_path)
+    done = kept or {}
+    resumed = len(done)
+    if resumed:
+        log(f"resuming: {resumed} of {len(questions)} answers kept from {partial}")
+    todo = [q for q in questions if q.question_id not in done]
+    errors: list[dict] = []
+    if todo:
+        assistant = Assistant.load(folder, precision=precision)
+        with _open_partial(partial, header, fresh=kept is None) as f:
+            try:
+                for answered, errs in predict_batches(assistant, todo, root, batch_size, gen, on_bad_record, progress):
+                    _append(f, answered)
+                    done.update((q.question_id, t) for q, t in answered)
+                    errors += errs
+            except DataError as e:
+                raise DataError(f"{e}\n{len(done)} answer(s) so far are kept in {partial}: fix this and rerun the same "
+                                "command to continue, or pass --on-bad-record skip to skip such questions") from e
+            except KeyboardInterrupt:
+                log(f"interrupted: {len(done)} answer(s) kept in {partial}; rerun the same command to continue")
+                raise
+    rows = [{"question_id": q.question_id, "text": done[q.question_id]} for q in questions if q.question_id in done]
+    errs_file = errors_path(out)
+    if errors:
+        atomic_write_jsonl(errs_file, errors)
+    else:
+        errs_file.unlink(missing_ok=True)  # an earlier run's, for questions answered now
+    n = write_predictions(out, rows)
+    partial.unlink(missing_ok=True)
+    return PredictReport(out, n, len(questions), resumed, len(errors), errs_file if errors else None)
+
+
+def _resume(partial: Path, header: dict, questions: list[Question], questions_path: str) -> dict[QuestionId, str] | None:
+    """The answers an interrupted run left in `partial` (None: no usable partial file). The file is
+    cut after its last complete line, so a half-written one is dropped and appending goes on."""
+    if not partial.exists():
+        return None
+    data = partial.read_bytes()
+    hint = f"delete {partial} to start over"
+    lines = data[:data.rfind(b"\n") + 1].split(b"\n")[:-1]
+    if not lines:  # not even the header got written
+        return None
+    try:
+        got = json.loads(lines[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        got = None
+    if not isinstance(got, dict) or got.get("format") != PARTIAL_FORMAT:
+        raise DataError(f"{partial}: not a vitune partial predictions file (line 1); {hint}")
+    for key in ("questions", "model"):
+        if got.get(key) != header[key]:
+            raise DataError(f"{partial} holds answers for {key} {got.get(key)}, not {header[key]}: rerun that "
+                            f"command to continue it, or {hint}")
+    if got.get("weights") != header["weights"]:
+        raise DataError(f"{partial} holds answers of an earlier save of the model in {header['model']} (it was "
+                        f"saved again since); {hint}")
+    ids = {q.question_id for q in questions}
+    seen: set = set()
+    done: dict[QuestionId, str] = {}
+    keep = len(lines[0]) + 1
+    for k, line in enumerate(lines[1:], 2):
+        where = f"{partial}: line {k}"
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if k == len(lines):
+                break  # the last line, cut short
+            raise DataError(f"{where}: malformed JSON; {hint}") from None
+        try:
+            qid, text = prediction_row(row, where, seen)
+        except DataError as e:
+            raise DataError(f"{e}; {hint}") from None
+        if qid not in ids:
+            raise DataError(f"{where}: question_id {qid!r} is not a question in {questions_path}: the partial file "
+                            f"does not match the questions; {hint}")
+        done[qid] = text
+        keep += len(line) + 1
+    if keep < len(data):
+        os.truncate(partial, keep)
+    return done
+
+
+def _open_partial(partial: Path, header: dict, fresh: bool) -> IO[str]:
+    if fresh:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "w", encoding="utf-8", newline="\n") as f:
+            f.write(json.dumps(header, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return open(partial, "a", encoding="utf-8", newline="\n")
+
+
+def _append(f: IO[str], answered: Answered) -> None:
+    """One batch's answers, on disk before the next batch starts."""
+    if answered:
+        f.write("".join(json.dumps({"question_id": q.question_id, "text": t}, ensure_ascii=False) + "\n"
+                        for q, t in answered))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+
+def _same_id_types(ids, questions: Mapping, name: str, questions_name: str) -> None:
+    hit = id_type_mismatch(ids, questions)
+    if hit is not None:
+        got, want = hit
+        raise DataError(f"question_id types differ: {name} use {got!r} ({type(got).__name__}) where {questions_name} "
+                        f"use {want!r} ({type(want).__name__}); ids are compared exactly (1 and \"1\" are different "
+                        "ids), so these never match: write them with the same type")
+
+
+def eval_vqa(questions_path: str, answers_path: str, predictions: Mapping[QuestionId, str],
+             predictions_name: str = "the predictions") -> VQAResult:
+    """Score the questions that have reference answers. Questions without a prediction count as
+    wrong (`missing`); predictions for ids that are not questions are not scored (`extra`);
+    questions without references and references without a question are counted, not scored.
+    Ids of another type than the questions' ("0" for 0), or nothing to score or nothing
+    matching at all, raise a `DataError`."""
+    questions = {q.question_id: q for q in read_questions(questions_path)}
     answers = read_answers(answers_path)
-    return vqa_exact_match(predictions, answers, categories or None)
+    qname = f"the questions ({questions_path})"
+    _same_id_types(answers, questions, f"the reference answers ({answers_path})", qname)
+    _same_id_types(predictions, questions, predictions_name, qname)
+    scored = {qid: answers[qid] for qid in questions if qid in answers}
+    if not scored:
+        raise DataError(f"no question in {questions_path} has a reference answer in {answers_path}: nothing to score")
+    if not predictions:
+        raise DataError(f"{predictions_name} holds no predictions: nothing to score")
+    if not any(qid in predictions for qid in scored):
+        raise DataError(f"none of the {len(predictions)} predictions in {predictions_name} is for a question of "
+                        f"{questions_path} with a reference answer: nothing matches")
+    categories = {qid: q.category for qid, q in questions.items() if q.category}
+    result = vqa_exact_match(predictions, scored, categories or None)
+    extra = tuple(pid for pid in predictions if pid not in questions)
+    return dataclasses.replace(result, n_extra=len(extra), extra=extra, n_no_reference=len(questions) - len(scored),
+                               n_unused_answers=sum(1 for a in answers if a not in questions))
 
 
 TASKS: dict[str, Callable[..., VQAResult]] = {"vqa": eval_vqa}

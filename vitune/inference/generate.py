@@ -8,6 +8,7 @@ sequence every step: slower, and the reference the cached path is tested against
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -27,10 +28,21 @@ class GenerationConfig:
     use_cache: bool = True
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        """Each bad value is refused naming its field; `not (x >= 0)` also catches nan."""
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        need = f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
+        if not (0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy): {need}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1]: {need}")
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a tuple of strings, got {self.stop_strings!r}")
+        if any(s == "" for s in self.stop_strings):
+            raise ValueError("stop_strings must not hold an empty string (it would stop before the first token)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
