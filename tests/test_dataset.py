@@ -129,7 +129,8 @@ def test_over_long_records_are_skipped_and_long_answers_cut(image_dir, tok):
     bad = BadRecords("skip", logs.append)
     long_answer = {"id": "cut", "conversations": [TEXT[0], {"from": "gpt", "value": "z" * 100}]}
     ts = encode(load(image_dir, [r for r, _, _ in LONG] + [long_answer]), tok, 30, bad)
-    assert ts.ids == ["cut"] and bad.skipped == 3 == len(logs)
+    assert ts.ids == ["cut"] and bad.skipped == 3 and len(logs) == 4
+    assert "record 'cut'" in logs[-1] and "tokens cut to max_seq_len=30" in logs[-1]  # said, never silent
     ids, labels = ts.rows[0]
     assert len(ids) == len(labels) == 30 and labels[-1] == ids[-1] == tok.encode("z")[0]
 
@@ -185,3 +186,13 @@ def test_make_batch_gathers_rows_and_their_images_in_order(image_dir, tok):
 ])
 def test_mix_in(n_main, n_extra, fraction, want):
     assert mix_in(list("abcd")[:n_main], list("xyz")[:n_extra], fraction) == want
+
+
+@pytest.mark.parametrize("records, message", [
+    ([], "holds no records"),
+    ([{"id": "d", "conversations": TEXT}, {"id": "d", "conversations": TEXT}], "record 'd': duplicate id"),
+    ([{"id": ["x"], "conversations": TEXT}], r"record #0: 'id' must be a string or an integer"),
+])
+def test_empty_files_duplicate_and_malformed_ids_name_the_file_and_record(image_dir, records, message):
+    with pytest.raises(DataError, match=message):
+        load(image_dir, records)

@@ -49,12 +49,21 @@ class BadRecords:
 
 def load_conversations(path: str | Path, image_root: str | Path | None, bad: BadRecords,
                        allow_outside_root: bool = False) -> list[Conversation]:
+    """The file's records as conversations; a bad one (also an id seen before in the file) goes to
+    `bad`. A file without any record is an error naming it."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    out = []
-    for i, rec in enumerate(read_json_records(path)):
+    out, seen = [], set()
+    records = read_json_records(path)
+    if not records:
+        raise DataError(f"{path}: holds no records")
+    for i, rec in enumerate(records):
         try:
-            out.append(parse_record(rec, i, str(path), root, allow_outside_root=allow_outside_root))
+            conv = parse_record(rec, i, str(path), root, allow_outside_root=allow_outside_root)
+            if conv.id in seen:
+                raise DataError(f"{path}: record {conv.id!r}: duplicate id (record #{i}); ids must be unique in a file")
+            seen.add(conv.id)
+            out.append(conv)
         except DataError as e:
             bad.handle(e)
     return out
@@ -99,7 +108,8 @@ def encode_trainset(
     for conv in convs:
         where = f"record {conv.id!r}"
         try:
-            ids, labels = encode_conversation(tok, list(conv.messages), template, n_image_tokens, max_len, where, system_prompt)
+            ids, labels = encode_conversation(tok, list(conv.messages), template, n_image_tokens, max_len, where,
+                                              system_prompt, warn=bad.log)
             caption = encode_caption(tok, list(conv.messages), caption_len, where, bad.log) if caption_len else None
             idx = [_bank_slot(p, where, slots, decoded, transform) for p in conv.images]
         except DataError as e:
@@ -115,7 +125,7 @@ def encode_trainset(
     S = transform.size
     ts.bank = torch.stack(decoded) if decoded else torch.zeros(0, 3, S, S, dtype=torch.uint8)
     if not ts.rows:
-        raise DataError("no usable records in the training data")
+        raise DataError(f"no usable records in the training data ({bad.skipped} skipped as bad)")
     return ts
 
 

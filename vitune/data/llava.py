@@ -92,7 +92,10 @@ def _check_order(msgs: list[Message], where: str) -> None:
 
 def parse_record(rec: dict, index: int, source: str, image_root: Path,
                  allow_outside_root: bool = False) -> Conversation:
-    rid = str(rec.get("id", f"#{index}"))
+    raw_id = rec.get("id", f"#{index}")
+    if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+        raise DataError(f"{source}: record #{index}: 'id' must be a string or an integer, got {raw_id!r}")
+    rid = str(raw_id)
     where = f"{source}: record {rid!r}"
     messages = _messages(rec, where)
     images = _image_paths(rec, where, image_root, allow_outside_root)

@@ -209,20 +209,30 @@ class ImageTransform:
 
 
 def measure_stats(paths: list[Path], size: int, limit: int = 512) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0, 1] units) over the first `limit` distinct images."""
-    unique = list(dict.fromkeys(paths))[:limit]
-    if not unique:
-        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    """Per-channel mean and std (in [0, 1] units) over the first `limit` distinct readable images
+    (an unreadable one is left out here: encoding its record reports it, by the bad-record policy)."""
     raw = ImageTransform(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "squash")
-    pixels = torch.stack([raw.to_uint8(load_image(p)) for p in unique]).float() / 255.0  # (n, 3, S, S)
+    decoded = []
+    for p in dict.fromkeys(paths):
+        if len(decoded) == limit:
+            break
+        try:
+            decoded.append(raw.to_uint8(load_image(p)))
+        except DataError:
+            continue
+    if not decoded:
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    pixels = torch.stack(decoded).float() / 255.0  # (n, 3, S, S)
     mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp(min=1e-3)
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 def fit_to_length(
-    ids: list[int], labels: list[int], max_len: int, image_id: int, where: str
+    ids: list[int], labels: list[int], max_len: int, image_id: int, where: str,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Cut text from the end to `max_len` tokens; never cut an image span, never leave no target."""
+    """Cut text from the end to `max_len` tokens, saying so through `warn`; never cut an image
+    span, never leave no target."""
     image_pos = [i for i, t in enumerate(ids) if t == image_id]
     if len(image_pos) > max_len:
         raise DataError(f"{where}: its {len(image_pos)} image tokens alone exceed max_seq_len={max_len}")
@@ -233,20 +243,23 @@ def fit_to_length(
             f"{where}: {len(ids)} tokens; cutting to max_seq_len={max_len} would cut into an image span "
             f"(its last image token is at position {image_pos[-1]}): shorten the text before the image"
         )
+    n = len(ids)
     ids, labels = ids[:max_len], labels[:max_len]
     if all(lab == IGNORE_INDEX for lab in labels[1:]):
         raise DataError(f"{where}: no trained (assistant) tokens remain after cutting to max_seq_len={max_len}")
+    if warn is not None:
+        warn(f"warning: {where}: {n} tokens cut to max_seq_len={max_len} (its last {n - max_len} are not trained)")
     return ids, labels
 
 
 def encode_conversation(
     tok: Tokenizer, messages: list[Message], template: str, n_image_tokens: int, max_len: int,
-    where: str, system_prompt: str = "",
+    where: str, system_prompt: str = "", warn: Callable[[str], None] | None = None,
 ) -> tuple[list[int], list[int]]:
     r = render(tok, messages, template, n_image_tokens, system_prompt=system_prompt)
     if all(lab == IGNORE_INDEX for lab in r.labels):
         raise DataError(f"{where}: no assistant turn to train on")
-    return fit_to_length(r.input_ids, r.labels, max_len, tok.special.image, where)
+    return fit_to_length(r.input_ids, r.labels, max_len, tok.special.image, where, warn)
 
 
 def encode_instructions(tok: Tokenizer, messages: list[Message], max_len: int, where: str,
