@@ -26,14 +26,14 @@ fi
 
 start=$(date +%s)
 # shellcheck disable=SC2086
-/usr/bin/time -v -o "$OUT/train_time.txt" $V train --preset smol --out "$OUT/run" \
+/usr/bin/time -v -o "$OUT/train_time.txt" $V train --preset smol --out "$OUT/run" --overwrite \
   --data align="$OUT/data/captions.json" --data instruct="$OUT/data/instruct.json" \
   "train.stages.1.mix_data=[$OUT/text/text_chat.json]" "train.threads=${THREADS:-0}" ${OVERRIDES:-}
 train_s=$(( $(date +%s) - start ))
 
 start=$(date +%s)
 $V eval --task vqa --model "$OUT/run/model" --questions "$OUT/data/test_questions.jsonl" \
-  --answers "$OUT/data/test_answers.jsonl" --out "$OUT/eval.json"
+  --answers "$OUT/data/test_answers.jsonl" --out "$OUT/eval.json" --overwrite
 eval_s=$(( $(date +%s) - start ))
 
 echo "--- text-only chat check (after tuning)"
