@@ -187,14 +187,14 @@ def test_an_existing_out_needs_overwrite(env, tmp_path, capsys, full_run):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["predict", "--batch-size", "-3"], "argument --batch-size: must be an integer >= 1, got '-3'"),
-    (["predict", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
-    (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
-    (["chat", "--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
+    (["predict", "--batch-size", "-3"], "argument --batch-size: must be >= 1, got -3"),
+    (["predict", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["eval", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["chat", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
     (["chat", "--temperature", "nan"], "argument --temperature: must be a finite number >= 0"),
     (["chat", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
-    (["chat", "--top-p", "0"], r"argument --top-p: must be in (0, 1]"),
-    (["chat", "--top-p", "1.5"], r"argument --top-p: must be in (0, 1]"),
+    (["chat", "--top-p", "0"], r"argument --top-p: must be a finite number in (0, 1]"),
+    (["chat", "--top-p", "1.5"], r"argument --top-p: must be a finite number in (0, 1]"),
 ])
 def test_bad_numbers_are_argparse_errors(argv, message, capsys):
     required = {"predict": ["--model", "m", "--questions", "q", "--out", "o"],

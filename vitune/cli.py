@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from vitune.config import ConfigError, apply_overrides, load_yaml
+from vitune.config import ConfigError, Range, apply_overrides, load_yaml
 from vitune.files import DataError
 from vitune.training.guard import Interrupted, TrainingError
 
@@ -30,6 +30,20 @@ def at_least(lo: int):
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
         return value
     parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def number_in(allowed: Range):
+    """An argparse type: a finite number in `allowed` (a clear usage error otherwise)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not allowed.ok(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {allowed}, got {text!r}")
+        return value
+    parse.__name__ = f"number {allowed}"
     return parse
 
 
@@ -287,32 +301,7 @@ def _train_parser(sub) -> None:
 
 
 def _use_parsers(sub) -> None:
-    def positive_int(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-        return value
-
-    def temperature(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (0 <= value < float("inf")):  # nan fails too
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text!r}")
-        return value
-
-    def top_p(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (0 < value <= 1):
-            raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-        return value
+    positive_int, temperature, top_p = at_least(1), number_in(Range(0)), number_in(Range(0, 1, lo_open=True))
 
     def robust(q) -> None:
         q.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
