@@ -32,7 +32,7 @@ def test_every_preset_round_trips_through_yaml(tmp_path, name):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(KeyError, match=r"unknown preset 'huge'.*smol.*tiny"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*smol.*tiny"):
         preset("huge")
 
 

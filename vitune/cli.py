@@ -80,8 +80,8 @@ def cmd_train(args) -> None:
                    stop_after=args.stop_after, overwrite=args.overwrite,
                    allow_outside_images=args.allow_outside_images, allow_config_change=args.allow_config_change)
     if result.stopped:
-        print(f"stopped after {result.global_step} steps; the training state is in {result.state}\n"
-              f"continue with the same command and --resume")
+        print(f"stopped after {result.global_step} steps (--stop-after): no model saved yet; the training state is "
+              f"in {result.state}\ncontinue with the same command and --resume")
         return
     print(f"model saved to {result.model}\nchat with it:  vitune chat --model {result.model} --image IMAGE \"question\"")
 

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vitune.conventions import IMAGE_SLOT
+
 Part = Literal["vision", "fusion", "connector", "lm", "lora", "contrastive"]
 
 
@@ -343,10 +345,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         for p in parts[:-1]:
             node = _step(node, p, key)
         last = parts[-1]
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key!r}: the value {raw!r} is not valid YAML ({e.problem})") from None
         if isinstance(node, list):
-            node[_index(node, last, key)] = yaml.safe_load(raw)
+            node[_index(node, last, key)] = value
         elif isinstance(node, dict) and last in node:
-            node[last] = yaml.safe_load(raw)
+            node[last] = value
         else:
             raise ConfigError(f"override {key!r}: unknown field {last!r}; valid: {sorted(node) if isinstance(node, dict) else 'an index'}")
     return validate(from_dict(Config, data))
@@ -453,6 +459,8 @@ def validate(cfg: Config) -> Config:
          "model.tokenizer.vocab_size must be > 260 for bpe (256 bytes + 4 special tokens + merges)"),
         (len(cfg.train.stages) > 0, "train.stages must not be empty"),
         (len(cfg.model.lora.targets) > 0, "model.lora.targets: name at least one layer"),
+        (IMAGE_SLOT not in cfg.model.system_prompt,
+         "model.system_prompt holds the character U+FFFC, which vitune reserves for image slots"),
         (len({s.name for s in cfg.train.stages}) == len(cfg.train.stages), "train.stages: stage names must be unique"),
         (not (v.pretrained and v.stats_from_data), "model.vision.stats_from_data must be false for a pretrained "
          "tower: its image statistics are part of what it was trained with"),

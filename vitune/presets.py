@@ -19,6 +19,7 @@ from typing import Callable
 
 from vitune.config import (
     Config,
+    ConfigError,
     ConnectorConfig,
     LMConfig,
     LoRAConfig,
@@ -103,5 +104,5 @@ PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "small": small, "smol"
 
 def preset(name: str) -> Config:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
     return PRESETS[name]()

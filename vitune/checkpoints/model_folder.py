@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from vitune import __version__
 from vitune.checkpoints.pretrained import base_state, pretrained_parts
-from vitune.config import Config, ModelConfig, dump_yaml, from_dict, to_dict
+from vitune.config import Config, ConfigError, ModelConfig, dump_yaml, from_dict, to_dict, validate
 from vitune.data.tokenizer import Tokenizer
 from vitune.files import DataError, atomic_dir, naming, recover_dir
 from vitune.model.lora import is_lora_key
@@ -91,16 +91,28 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def read_meta(folder: Path) -> dict:
-    with naming(folder / "config.json"):
-        meta = json.loads((folder / "config.json").read_text())
+    path = folder / "config.json"
+    with naming(path):
+        meta = json.loads(path.read_text())
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    for key, kind in (("model", dict), ("image_token_id", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise DataError(f"{path}: {key!r} is missing or not a {kind.__name__} (got {meta.get(key)!r})")
     return meta
 
 
 def read_model_config(folder: Path) -> tuple[ModelConfig, int]:
     meta = read_meta(folder)
-    return from_dict(ModelConfig, meta["model"], f"{folder}/config.json:model"), int(meta["image_token_id"])
+    where = f"{folder}/config.json:model"
+    cfg = from_dict(ModelConfig, meta["model"], where)
+    try:
+        validate(Config(model=cfg))  # the ranges and cross-field checks of a training config
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg, meta["image_token_id"]
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
@@ -115,5 +127,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     _check_finite(weights, f"{folder / 'model.safetensors'}")
     with naming(folder / "model.safetensors"):  # tensors that do not fit config.json's model
         model.load_state_dict({**state, **weights}, strict=True)
+    tok = Tokenizer.load(folder)
+    if tok.special.image != image_id:
+        raise DataError(f"{folder}/config.json: image_token_id {image_id} is not the tokenizer's <image> id "
+                        f"{tok.special.image} (tokenizer.json and config.json are from different models)")
     model.to(device=device, dtype=dtype).eval()
-    return model, Tokenizer.load(folder)
+    return model, tok

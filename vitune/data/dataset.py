@@ -99,7 +99,7 @@ class TrainSet:
 def encode_trainset(
     convs: list[Conversation], tok: Tokenizer, template: str, transform: ImageTransform,
     n_image_tokens: int, max_len: int, bad: BadRecords, system_prompt: str = "", instruction_len: int = 0,
-    caption_len: int = 0,
+    caption_len: int = 0, name: str = "the training data",
 ) -> TrainSet:
     """`instruction_len > 0`: also each image's instruction ids, at most that many tokens;
     `caption_len > 0`: also each record's caption ids for the alignment loss."""
@@ -125,7 +125,7 @@ def encode_trainset(
     S = transform.size
     ts.bank = torch.stack(decoded) if decoded else torch.zeros(0, 3, S, S, dtype=torch.uint8)
     if not ts.rows:
-        raise DataError(f"no usable records in the training data ({bad.skipped} skipped as bad)")
+        raise DataError(f"no usable records in {name} ({bad.skipped} skipped as bad in all)")
     return ts
 
 

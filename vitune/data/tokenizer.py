@@ -15,13 +15,11 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from vitune.conventions import IMAGE_SLOT as _IMAGE_SLOT
 from vitune.files import naming
 
 IMAGE_TOKEN = "<image>"
-# Where an image goes inside a message's text: U+FFFC, Unicode's "object replacement character".
-# Only structure puts it there (a LLaVA file's `<image>` tag, an image given beside a question);
-# text that holds it itself is refused, and a literal `<image>` in a question is just text.
-IMAGE_SLOT = "\ufffc"
+IMAGE_SLOT = _IMAGE_SLOT  # where an image goes in a message's text (conventions.py)
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

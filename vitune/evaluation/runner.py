@@ -232,6 +232,8 @@ def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: 
                                   "image root": image_root}, overwrite)
     folder = resolve_model_dir(model_dir)
     questions = read_questions(questions_path)
+    if not questions:
+        raise DataError(f"{questions_path}: holds no questions")
     if on_bad_record == "error":  # a missing image stops the run before the model loads
         first = {}
         for q in questions:

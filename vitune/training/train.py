@@ -195,6 +195,7 @@ class NonFinite(ArithmeticError):
 class Prepared:
     convs: list[list]
     bad: BadRecords
+    files: dict[str, str]           # stage name -> its data file
     fingerprints: dict[str, str]
 
 
@@ -210,7 +211,7 @@ def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log:
         extra = [c for p in s.mix_data for c in load_conversations(p, None, bad, allow_outside_root=allow_outside)]
         convs.append(mix_in(load_conversations(path, image_root, bad, allow_outside_root=allow_outside), extra,
                             s.mix_fraction))
-    return Prepared(convs, bad, data_fingerprints(cfg, files))
+    return Prepared(convs, bad, files, data_fingerprints(cfg, files))
 
 
 def with_image_stats(cfg: Config, prep: Prepared, log: Log) -> Config:
@@ -333,7 +334,8 @@ def _run_stages(model: VLM, prep: Prepared, pos: Position, resume: bool, stop_af
         ts = encode_trainset(prep.convs[si], tok, stage.template, transform, model.n_image_tokens,
                              cfg.model.lm.max_seq_len, prep.bad, cfg.model.system_prompt,
                              instruction_len=model.cfg.fusion.text.max_len if model.needs_instruction else 0,
-                             caption_len=model.cfg.contrastive.text.max_len if stage.contrastive_weight > 0 else 0)
+                             caption_len=model.cfg.contrastive.text.max_len if stage.contrastive_weight > 0 else 0,
+                             name=f"stage {stage.name!r} ({prep.files[stage.name]})")
         if stage.packing == "shared_prefix":
             n_samples = len(ts)
             ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
