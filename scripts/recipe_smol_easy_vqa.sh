@@ -33,7 +33,7 @@ train_s=$(( $(date +%s) - start ))
 
 start=$(date +%s)
 $V eval --task vqa --model "$OUT/run/model" --questions "$OUT/data/test_questions.jsonl" \
-  --answers "$OUT/data/test_answers.jsonl" --out "$OUT/eval.json" --overwrite
+  --answers "$OUT/data/test_answers.jsonl" --out "$OUT/eval" --overwrite
 eval_s=$(( $(date +%s) - start ))
 
 echo "--- text-only chat check (after tuning)"
@@ -42,5 +42,5 @@ $V chat --model "$OUT/run/model" --max-new-tokens 32 "What is the capital of Fra
 peak_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/train_time.txt")
 echo "--- summary"
 echo "train wall time: ${train_s} s   eval wall time: ${eval_s} s   training peak RSS: $((peak_kb / 1024)) MiB"
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('test accuracy: %.4f (%d/%d)' % (r['accuracy'], r['correct'], r['n']))" "$OUT/eval.json"
+python3 -c "import json,sys; m=json.load(open(sys.argv[1]))['metrics']; print('test accuracy: %.4f (%g/%d, 95%% CI %.4f-%.4f)' % (m['accuracy'], m['correct'], m['n'], *m['ci95']))" "$OUT/eval/results.json"
 grep -q "Paris" "$OUT/chat_check.txt" && echo "text chat: still answers Paris" || echo "text chat: did NOT answer Paris"

@@ -36,12 +36,12 @@ def test_predict_then_eval(run, capsys):
     n_questions = len((data / "test_questions.jsonl").read_text().splitlines())
     assert len(rows) == n_questions and all(set(r) == {"question_id", "text"} for r in rows)
     capsys.readouterr()
-    scores = out / "scores.json"
+    results = out / "eval"
     assert main(["eval", "--task", "vqa", "--questions", str(data / "test_questions.jsonl"),
-                 "--answers", str(data / "test_answers.jsonl"), "--predictions", str(preds), "--out", str(scores)]) == 0
+                 "--answers", str(data / "test_answers.jsonl"), "--predictions", str(preds), "--out", str(results)]) == 0
     table = capsys.readouterr().out
     assert "overall" in table and "spatial" in table
-    assert json.loads(scores.read_text())["n"] == n_questions
+    assert json.loads((results / "results.json").read_text())["metrics"]["n"] == n_questions
 
 
 def test_batched_predictions_with_shared_prefixes_equal_one_by_one(run):
@@ -82,7 +82,7 @@ def test_eval_with_a_model_in_bf16(run, capsys, monkeypatch):
 
     monkeypatch.setattr(LM, "logits", logits)
     assert main(["eval", "--model", str(out), "--questions", str(data / "test_questions.jsonl"), "--answers",
-                 str(data / "test_answers.jsonl"), "--precision", "bf16", "--out-predictions", str(out / "p16.jsonl")]) == 0
+                 str(data / "test_answers.jsonl"), "--precision", "bf16", "--out", str(out / "eval16")]) == 0
     assert "overall" in capsys.readouterr().out
     assert dtypes and set(dtypes) == {torch.bfloat16}  # matmuls ran under bf16 autocast
 

@@ -213,18 +213,19 @@ def eval_preds(env, preds, tmp_path, *extra):
 
 
 def test_eval_reports_missing_extra_and_empty_predictions(env, tmp_path, capsys):
-    scores = tmp_path / "scores.json"
-    assert eval_preds(env, {0: "red", 1: "Red.", 2: "blue", 3: "", 77: "x", "z": "y"}, tmp_path, "--out", str(scores)) == 0
+    run = tmp_path / "run"
+    assert eval_preds(env, {0: "red", 1: "Red.", 2: "blue", 3: "", 77: "x", "z": "y"}, tmp_path, "--out", str(run)) == 0
     out, err = capsys.readouterr()
     assert "coverage: 4 of 6 scored questions have a prediction" in out
     assert "2 question(s) had no prediction and count as wrong: 4, 5" in out
     assert "2 prediction(s) for ids that are not questions, not scored: 77, 'z'" in out
     assert "1 prediction(s) are empty" in out and "odd" in out and "overall" in out
     assert "warning: the predictions cover only 4 of the 6 scored questions" in err
-    r = json.loads(scores.read_text())
-    assert (r["n"], r["correct"], r["n_missing"], r["missing"], r["n_extra"], r["extra"], r["n_empty"]) == \
-        (6, 2, 2, [4, 5], 2, [77, "z"], 1)
-    assert r["per_category"]["even"] == {"n": 3, "correct": 1}
+    r = json.loads((run / "results.json").read_text())
+    c = r["coverage"]
+    assert (r["metrics"]["n"], r["metrics"]["correct"], c["n_missing"], c["missing"], c["n_extra"], c["extra"],
+            c["n_empty"]) == (6, 2, 2, [4, 5], 2, [77, "z"], 1)
+    assert {k: r["per_category"]["even"][k] for k in ("n", "correct")} == {"n": 3, "correct": 1}
 
 
 def test_eval_does_not_score_questions_without_references(env, tmp_path, capsys):
@@ -236,7 +237,7 @@ def test_eval_does_not_score_questions_without_references(env, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert "3 question(s) have no reference answer, not scored" in out
     assert "1 reference answer(s) are for ids that are not questions" in out
-    assert [line.split() for line in out.splitlines() if line.startswith("overall")] == [["overall", "3", "100.0%"]]
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith("overall")] == [["overall", "3", "100.0%"]]
     assert "warning" not in err
 
 
@@ -256,14 +257,16 @@ def test_eval_with_a_model_never_writes_into_the_model_folder(env, tmp_path, cap
     before = sorted(p.name for p in model.iterdir())
     argv = ["eval", "--model", str(model), "--questions", str(questions), "--answers", str(answers)]
     assert main(argv) == 2
-    assert "never into the model folder" in capsys.readouterr().err
-    assert main([*argv, "--out", str(tmp_path / "scores.json")]) == 0
+    assert "never into the model folder: give --out RUN_DIR" in capsys.readouterr().err
+    assert main([*argv, "--out", str(model / "eval")]) == 2
+    assert "lies inside) the model folder" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
     assert sorted(p.name for p in model.iterdir()) == before
-    preds = tmp_path / "scores.predictions.jsonl"
+    preds = tmp_path / "run" / "predictions.jsonl"
     assert len(preds.read_text().splitlines()) == len(IMAGES)
-    assert json.loads((tmp_path / "scores.json").read_text())["n"] == len(IMAGES)
-    assert main([*argv, "--out", str(tmp_path / "scores.json")]) == 2  # its predictions are not overwritten
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["n"] == len(IMAGES)
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2  # its results are not overwritten
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 # -- chat -------------------------------------------------------------------------------------------

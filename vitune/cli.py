@@ -185,42 +185,51 @@ def cmd_predict(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    """Scores `--predictions`, or a model's answers: `eval --model` writes them to `--out-predictions`
-    (or beside `--out`: scores.json -> scores.predictions.jsonl), never into the model folder."""
-    from vitune.data.vqa_format import read_predictions
-    from vitune.evaluation.metrics import format_table
-    from vitune.evaluation.runner import TASKS, check_output, run_predict
-    from vitune.files import atomic_write_json
+    """Evaluate a model (`--model`, answers into `--out RUN_DIR`) or score `--predictions`, on a
+    built-in `--bench` or `--questions` + `--answers`; `--out` is the results folder
+    (vitune.evaluation.report). `--compare RUN_A RUN_B` puts two results folders side by side."""
+    from vitune.evaluation.report import EvalSpec, compare_runs, run_eval
+    if args.compare:
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "predictions", "bench", "questions", "answers", "out",
+                                                       "max_questions", "task") if getattr(args, k)]
+        if given:
+            raise ConfigError(f"--compare reads two results folders and takes no other input: drop {', '.join(given)}")
+        print(compare_runs(*args.compare))
+        return
     if bool(args.model) == bool(args.predictions):
-        raise ConfigError("give exactly one of --model DIR or --predictions FILE")
-    if args.predictions and args.out_predictions:
-        raise ConfigError("--out-predictions is where `eval --model` writes its answers; with --predictions it has "
-                          "no use")
-    preds_path = args.predictions
-    inputs = {"questions file": args.questions, "answers file": args.answers}
-    if args.model:
-        if not args.out_predictions and not args.out:
-            raise ConfigError("eval --model writes the model's predictions to a file, never into the model folder: "
-                              "give --out-predictions FILE, or --out SCORES.json (the predictions then go beside it, "
-                              "to SCORES.predictions.jsonl)")
-        out = Path(args.out) if args.out else None
-        preds_path = args.out_predictions or str(out.with_name(out.stem + ".predictions.jsonl"))
-        flag = "--out-predictions" if args.out_predictions else "the predictions file (beside --out)"
-        check_output(preds_path, {**inputs, "--out scores file": args.out}, args.overwrite, flag)
-    if args.out:
-        check_output(args.out, {**inputs, "predictions file": preds_path}, overwrite=True, sidecars=False)
-    if args.model:
-        report = run_predict(args.model, args.questions, preds_path, args.image_root, args.batch_size,
-                             precision=args.precision, on_bad_record=args.on_bad_record, overwrite=args.overwrite)
-        print(report.summary())
-    result = TASKS[args.task](args.questions, args.answers, read_predictions(preds_path),
-                              predictions_name=str(preds_path))
-    print(format_table(result))
-    if result.n_missing:
-        print(f"warning: the predictions cover only {result.n_answered} of the {result.n} scored questions; the "
-              f"other {result.n_missing} count as wrong", file=sys.stderr)
-    if args.out:
-        atomic_write_json(args.out, result.to_dict())
+        raise ConfigError("give exactly one of --model DIR or --predictions FILE (or --compare RUN_A RUN_B)")
+    if args.bench and (args.questions or args.answers or args.image_root):
+        raise ConfigError(f"--bench {args.bench} brings its own questions, answers and images: drop --questions, "
+                          "--answers and --image-root")
+    if not args.bench and not (args.questions and args.answers):
+        raise ConfigError("give --bench NAME, or both --questions FILE and --answers FILE")
+    if args.max_questions and not args.bench:
+        raise ConfigError("--max-questions takes the first N questions of a --bench; for your own files, give a "
+                          "smaller --questions file")
+    if args.model and not args.out:
+        raise ConfigError("eval --model writes the model's predictions and results into a folder, never into the "
+                          "model folder: give --out RUN_DIR")
+    outcome = run_eval(EvalSpec(
+        task=args.task, bench=args.bench, max_questions=args.max_questions, questions=args.questions,
+        answers=args.answers, image_root=args.image_root, model=args.model, predictions=args.predictions,
+        out=args.out, batch_size=args.batch_size, precision=args.precision, on_bad_record=args.on_bad_record,
+        overwrite=args.overwrite, command=_eval_command(args)))
+    print(outcome.table)
+    r = outcome.result
+    if r.n_missing:
+        print(f"warning: the predictions cover only {r.n_answered} of the {r.n} scored questions; the "
+              f"other {r.n_missing} count as wrong", file=sys.stderr)
+
+
+def _eval_command(args) -> tuple[str, ...]:
+    """The evaluation as one canonical command line (every option that applies, defaults included)."""
+    argv = ["vitune", "eval"]
+    for key in ("model", "predictions", "bench", "max_questions", "questions", "answers", "image_root", "task",
+                "out", "batch_size", "precision", "on_bad_record"):
+        value = getattr(args, key)
+        if value is not None and not (args.predictions and key in ("batch_size", "precision", "on_bad_record")):
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return tuple(argv) + (("--overwrite",) if args.overwrite else ())
 
 
 def cmd_data_shapes(args) -> None:
@@ -325,15 +334,24 @@ def _use_parsers(sub) -> None:
     p.add_argument("--image-root")
     p.add_argument("--batch-size", type=positive_int, default=32), _precision_arg(p), robust(p)
     p.set_defaults(fn=cmd_predict)
-    p = sub.add_parser("eval", help="score predictions (or a model) on a task")
-    p.add_argument("--task", choices=["vqa"], default="vqa")
-    p.add_argument("--questions", required=True), p.add_argument("--answers", required=True)
-    p.add_argument("--model"), p.add_argument("--predictions")
-    p.add_argument("--out", help="write the scores as JSON")
-    p.add_argument("--out-predictions", help="with --model: where its predictions go (default: beside --out, "
-                                             "SCORES.predictions.jsonl)")
+    from vitune.evaluation.benches import BENCHES
+    p = sub.add_parser("eval", help="evaluate a model (or score predictions) on a bench or a question set into a "
+                                    "results folder; or compare two results folders")
+    p.add_argument("--bench", choices=list(BENCHES), help="a built-in benchmark (generated once into "
+                                                          "$VITUNE_CACHE/bench or ~/.cache/vitune/bench)")
+    p.add_argument("--max-questions", type=positive_int, help="with --bench: only its first N questions (recorded)")
+    p.add_argument("--questions"), p.add_argument("--answers")
+    p.add_argument("--task", choices=["vqa", "pope"], help="how to score (default: the bench's, else vqa)")
+    p.add_argument("--model"), p.add_argument("--predictions", help="score this predictions file instead of a model")
+    p.add_argument("--out", metavar="RUN_DIR", help="the results folder: predictions.jsonl, scores.jsonl, "
+                                                    "results.json, report.md, plots (needed with --model)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two results folders of the same questions: table and significance")
     p.add_argument("--image-root"), p.add_argument("--batch-size", type=positive_int, default=32), _precision_arg(p)
-    robust(p)
+    p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
+                   help="a question with a missing or corrupt image, a wrong <image> count or a too long prompt: "
+                        "stop naming it (error, default) or skip it into RUN_DIR/predictions.jsonl.errors.jsonl (skip)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out folder")
     p.set_defaults(fn=cmd_eval)
 
 

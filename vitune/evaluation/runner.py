@@ -2,7 +2,9 @@
 
 `predict_vqa` answers questions with a model (batched, with a progress bar), `run_predict` does it
 for a questions file into a predictions file, and `eval_vqa` scores predictions against reference
-answers, overall and per category, with its coverage explicit.
+answers with the VQAv2 rule (`answers.vqa_accuracy`), overall and per category, with its coverage
+explicit; `eval_pope` adds the POPE yes/no metrics per sampling (the questions' category).
+`run_predict` asks each question as `prompt` says: "{question}" (the default) is the text as given.
 
 `run_predict` never loses work and never writes where it must not:
 - the output is checked before the model loads: not a folder, its folder writable or creatable,
@@ -41,7 +43,8 @@ from vitune.data.vqa_format import (
     read_questions,
     write_predictions,
 )
-from vitune.evaluation.metrics import VQAResult, id_type_mismatch, vqa_exact_match
+from vitune.evaluation.metrics import VQAResult, id_type_mismatch, score_vqa
+from vitune.evaluation.pope import PopeResult, pope_metrics
 from vitune.files import DataError, atomic_write_jsonl
 from vitune.inference.assistant import Assistant, Request, user_turn
 from vitune.inference.generate import GenerationConfig
@@ -50,6 +53,14 @@ from vitune.inference.generate import GenerationConfig
 VQA_GENERATION = GenerationConfig(max_new_tokens=16)
 BAD_RECORD_POLICIES = ("error", "skip")
 PARTIAL_FORMAT = "vitune-partial-predictions"
+QUESTION = "{question}"  # the prompt template that asks the question text as given
+
+
+def render_prompt(template: str, text: str) -> str:
+    """The template with its one `{question}` replaced by the question text (no other fields)."""
+    if template.count(QUESTION) != 1:
+        raise ValueError(f"a prompt template must hold {QUESTION} exactly once, got {template!r}")
+    return template.replace(QUESTION, text)
 
 Answered = list[tuple[Question, str]]
 
@@ -222,10 +233,12 @@ def _log(msg: str) -> None:
 def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: str | None = None,
                 batch_size: int = 32, progress: bool = True, precision: str = "fp32", on_bad_record: str = "error",
                 overwrite: bool = False, gen: GenerationConfig = VQA_GENERATION,
-                log: Callable[[str], None] = _log) -> PredictReport:
+                log: Callable[[str], None] = _log, prompt: str = QUESTION) -> PredictReport:
     """Answer a questions file into a predictions file; see the module docstring for the checks,
-    the partial file (resume) and the bad-question policies. `log` gets the resume notice."""
+    the partial file (resume) and the bad-question policies. `log` gets the resume notice.
+    `prompt` is the template each question's text is asked through (`render_prompt`)."""
     _check_policy(on_bad_record)
+    render_prompt(prompt, "")  # checks it
     _batches([], batch_size)  # checks it
     root = Path(image_root) if image_root else Path(questions_path).parent
     out = check_output(out_path, {"questions file": questions_path, "model folder": model_dir,
@@ -234,6 +247,8 @@ def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: 
     questions = read_questions(questions_path)
     if not questions:
         raise DataError(f"{questions_path}: holds no questions")
+    if prompt != QUESTION:
+        questions = [dataclasses.replace(q, text=render_prompt(prompt, q.text)) for q in questions]
     if on_bad_record == "error":  # a missing image stops the run before the model loads
         first = {}
         for q in questions:
@@ -245,6 +260,8 @@ def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: 
     weights = (folder / "model.safetensors").stat()
     header = {"format": PARTIAL_FORMAT, "questions": str(Path(questions_path).resolve()), "model": str(folder.resolve()),
               "weights": f"{weights.st_size}:{weights.st_mtime_ns}"}  # a model saved again since: not the same one
+    if prompt != QUESTION:
+        header["prompt"] = prompt
     kept = _resume(partial, header, questions, questions_path)
     done = kept or {}
     resumed = len(done)
@@ -297,6 +314,9 @@ def _resume(partial: Path, header: dict, questions: list[Question], questions_pa
         if got.get(key) != header[key]:
             raise DataError(f"{partial} holds answers for {key} {got.get(key)}, not {header[key]}: rerun that "
                             f"command to continue it, or {hint}")
+    if got.get("prompt", QUESTION) != header.get("prompt", QUESTION):
+        raise DataError(f"{partial} holds answers to the prompt {got.get('prompt', QUESTION)!r}, not "
+                        f"{header.get('prompt', QUESTION)!r}; {hint}")
     if got.get("weights") != header["weights"]:
         raise DataError(f"{partial} holds answers of an earlier save of the model in {header['model']} (it was "
                         f"saved again since); {hint}")
@@ -358,7 +378,9 @@ def _same_id_types(ids, questions: Mapping, name: str, questions_name: str) -> N
 
 def eval_vqa(questions_path: str, answers_path: str, predictions: Mapping[QuestionId, str],
              predictions_name: str = "the predictions") -> VQAResult:
-    """Score the questions that have reference answers. Questions without a prediction count as
+    """Score the questions that have reference answers with the VQAv2 rule (`answers.vqa_accuracy`:
+    its normalisation; 10 references: the leave-one-out mean, else a match with any of them); each
+    question's score is in `VQAResult.scores`. Questions without a prediction count as
     wrong (`missing`); predictions for ids that are not questions are not scored (`extra`);
     questions without references and references without a question are counted, not scored.
     Ids of another type than the questions' ("0" for 0), or nothing to score or nothing
@@ -377,10 +399,39 @@ def eval_vqa(questions_path: str, answers_path: str, predictions: Mapping[Questi
         raise DataError(f"none of the {len(predictions)} predictions in {predictions_name} is for a question of "
                         f"{questions_path} with a reference answer: nothing matches")
     categories = {qid: q.category for qid, q in questions.items() if q.category}
-    result = vqa_exact_match(predictions, scored, categories or None)
+    result = score_vqa(predictions, scored, categories or None)
     extra = tuple(pid for pid in predictions if pid not in questions)
     return dataclasses.replace(result, n_extra=len(extra), extra=extra, n_no_reference=len(questions) - len(scored),
                                n_unused_answers=sum(1 for a in answers if a not in questions))
 
 
-TASKS: dict[str, Callable[..., VQAResult]] = {"vqa": eval_vqa}
+@dataclass(frozen=True)
+class PopeEvaluation:
+    """POPE: `result` is the yes/no accuracy as a VQA result (per sampling, with its coverage and
+    per-question scores); `overall` and `per_category` (sampling → metrics) the POPE metrics."""
+
+    result: VQAResult
+    overall: PopeResult
+    per_category: dict[str, PopeResult]
+
+
+def eval_pope(questions_path: str, answers_path: str, predictions: Mapping[QuestionId, str],
+              predictions_name: str = "the predictions") -> PopeEvaluation:
+    """`eval_vqa` (checks, coverage; an answer scores 1 when it normalises to the yes/no reference)
+    plus `pope.pope_metrics` overall and per category (the sampling: random, popular, adversarial)."""
+    result = eval_vqa(questions_path, answers_path, predictions, predictions_name)
+    answers = read_answers(answers_path)
+    scored = {qid: answers[qid] for qid in result.scores}
+    categories = {q.question_id: q.category for q in read_questions(questions_path)}
+    try:
+        overall = pope_metrics(predictions, scored)
+        groups: dict[str, dict] = {}
+        for qid, refs in scored.items():
+            groups.setdefault(categories.get(qid) or "(none)", {})[qid] = refs
+        per_category = {c: pope_metrics(predictions, g) for c, g in sorted(groups.items())}
+    except ValueError as e:
+        raise DataError(f"{answers_path}: not a POPE answers file: {e}") from None
+    return PopeEvaluation(result, overall, per_category)
+
+
+TASKS: dict[str, Callable[..., VQAResult | PopeEvaluation]] = {"vqa": eval_vqa, "pope": eval_pope}
