@@ -187,22 +187,28 @@ def cmd_predict(args) -> None:
 def cmd_eval(args) -> None:
     """Evaluate a model (`--model`, answers into `--out RUN_DIR`) or score `--predictions`, on a
     built-in `--bench` or `--questions` + `--answers`; `--out` is the results folder
-    (vitune.evaluation.report). `--compare RUN_A RUN_B` puts two results folders side by side."""
+    (vitune.evaluation.report). Retrieval (`--bench shapes-retrieval`, or `--captions FILE`, which
+    implies `--task retrieval`) ranks a model's alignment-head embeddings: no predictions.
+    `--compare RUN_A RUN_B` puts two results folders side by side."""
     from vitune.evaluation.report import EvalSpec, compare_runs, run_eval
     if args.compare:
-        given = [f"--{k.replace('_', '-')}" for k in ("model", "predictions", "bench", "questions", "answers", "out",
-                                                       "max_questions", "task") if getattr(args, k)]
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "predictions", "bench", "questions", "answers",
+                                                       "captions", "out", "max_questions", "task") if getattr(args, k)]
         if given:
             raise ConfigError(f"--compare reads two results folders and takes no other input: drop {', '.join(given)}")
         print(compare_runs(*args.compare))
         return
     if bool(args.model) == bool(args.predictions):
         raise ConfigError("give exactly one of --model DIR or --predictions FILE (or --compare RUN_A RUN_B)")
-    if args.bench and (args.questions or args.answers or args.image_root):
+    if args.bench and (args.questions or args.answers or args.captions or args.image_root):
         raise ConfigError(f"--bench {args.bench} brings its own questions, answers and images: drop --questions, "
-                          "--answers and --image-root")
-    if not args.bench and not (args.questions and args.answers):
-        raise ConfigError("give --bench NAME, or both --questions FILE and --answers FILE")
+                          "--answers, --captions and --image-root")
+    if args.task == "retrieval" and not (args.bench or args.captions):
+        instead = ", not --questions / --answers" if args.questions or args.answers else ""
+        raise ConfigError("--task retrieval needs --bench shapes-retrieval or --captions FILE (JSONL rows "
+                          '{"image": PATH, "caption": TEXT})' + instead)
+    if not args.bench and not args.captions and not (args.questions and args.answers):
+        raise ConfigError("give --bench NAME, or both --questions FILE and --answers FILE (retrieval: --captions FILE)")
     if args.max_questions and not args.bench:
         raise ConfigError("--max-questions takes the first N questions of a --bench; for your own files, give a "
                           "smaller --questions file")
@@ -212,11 +218,11 @@ def cmd_eval(args) -> None:
     outcome = run_eval(EvalSpec(
         task=args.task, bench=args.bench, max_questions=args.max_questions, questions=args.questions,
         answers=args.answers, image_root=args.image_root, model=args.model, predictions=args.predictions,
-        out=args.out, batch_size=args.batch_size, precision=args.precision, on_bad_record=args.on_bad_record,
+        captions=args.captions, out=args.out, batch_size=args.batch_size, precision=args.precision, on_bad_record=args.on_bad_record,
         overwrite=args.overwrite, command=_eval_command(args)))
     print(outcome.table)
     r = outcome.result
-    if r.n_missing:
+    if getattr(r, "n_missing", 0):
         print(f"warning: the predictions cover only {r.n_answered} of the {r.n} scored questions; the "
               f"other {r.n_missing} count as wrong", file=sys.stderr)
 
@@ -224,7 +230,8 @@ def cmd_eval(args) -> None:
 def _eval_command(args) -> tuple[str, ...]:
     """The evaluation as one canonical command line (every option that applies, defaults included)."""
     argv = ["vitune", "eval"]
-    for key in ("model", "predictions", "bench", "max_questions", "questions", "answers", "image_root", "task",
+    for key in ("model", "predictions", "bench", "max_questions", "questions", "answers", "captions", "image_root",
+                "task",
                 "out", "batch_size", "precision", "on_bad_record"):
         value = getattr(args, key)
         if value is not None and not (args.predictions and key in ("batch_size", "precision", "on_bad_record")):
@@ -341,7 +348,14 @@ def _use_parsers(sub) -> None:
                                                           "$VITUNE_CACHE/bench or ~/.cache/vitune/bench)")
     p.add_argument("--max-questions", type=positive_int, help="with --bench: only its first N questions (recorded)")
     p.add_argument("--questions"), p.add_argument("--answers")
-    p.add_argument("--task", choices=["vqa", "pope"], help="how to score (default: the bench's, else vqa)")
+    p.add_argument("--captions", metavar="CAPTIONS.jsonl",
+                   help='retrieval on your own captions: JSONL rows {"image": PATH (relative to --image-root, default '
+                        'the file\'s folder), "caption": TEXT}, several rows per image allowed; implies --task '
+                        'retrieval and needs --model with an alignment head (model.contrastive.dim > 0)')
+    p.add_argument("--task", choices=["vqa", "pope", "retrieval"],
+                   help="how to score (default: the bench's, else vqa; retrieval: Recall@1/5/10 image->text and "
+                        "text->image, multi-caption, from --bench shapes-retrieval or --captions; its RUN_DIR gets "
+                        "only results.json and report.md)")
     p.add_argument("--model"), p.add_argument("--predictions", help="score this predictions file instead of a model")
     p.add_argument("--out", metavar="RUN_DIR", help="the results folder: predictions.jsonl, scores.jsonl, "
                                                     "results.json, report.md, plots (needed with --model)")

@@ -10,8 +10,13 @@ atomically, and reused while present:
 - `shapes-pope`: POPE existence probes over the same 500 test scenes, each of the three samplings
   (random, popular, adversarial; up to 6 probes per image, half yes, half no; seed 0): 7,986 yes/no
   questions, the sampling as their category;
-- `easy-vqa`: the packaged easy-VQA test split, every question (9,673).
-`prepare_bench(name, max_questions=N)` keeps the first N questions (file order), recorded.
+- `easy-vqa`: the packaged easy-VQA test split, every question (9,673);
+- `shapes-retrieval` (task `retrieval`): the same 500 test images, each with 2 captions from its
+  scene (`caption`: the 3x3 grid cell by cell, as training captions are written; `object_caption`:
+  its objects as a sentence), 1,000 captions in `captions.jsonl`, one {"image": path relative to
+  the bench folder, "caption": text} per line, an image's captions on adjacent lines.
+`prepare_bench(name, max_questions=N)` keeps the first N questions (file order), recorded; a
+retrieval bench refuses it (Recall@K depends on the gallery size: a subset is another benchmark).
 """
 
 from __future__ import annotations
@@ -33,17 +38,18 @@ from vitune.files import (
 
 BENCH_FORMAT = "vitune-bench"
 BENCH_VERSION = 1  # bump when a bench's generated data change for the same parameters
-QUESTIONS, ANSWERS = "questions.jsonl", "answers.jsonl"
+QUESTIONS, ANSWERS, CAPTIONS = "questions.jsonl", "answers.jsonl", "captions.jsonl"
 
 
 @dataclass(frozen=True)
 class Bench:
     name: str
-    task: str  # a key of runner.TASKS
+    task: str  # a key of runner.TASKS, or "retrieval" (runner.eval_retrieval)
     prompt: str  # the template each question is asked through
     description: str
     params: dict[str, Any]  # the data's parameters (part of the cache folder's name)
-    build: Callable[[Path, dict[str, Any]], None] = field(repr=False)  # writes QUESTIONS, ANSWERS, images into a folder
+    build: Callable[[Path, dict[str, Any]], None] = field(repr=False)  # writes QUESTIONS, ANSWERS (retrieval:
+    # CAPTIONS), images into a folder
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,8 @@ class PreparedBench:
     description: str
     params: dict[str, Any]  # the bench's, plus max_questions
     folder: Path
-    questions: Path
-    answers: Path
+    questions: Path  # retrieval: the captions file
+    answers: Path | None  # retrieval: None
     image_root: Path
 
     def record(self) -> dict[str, Any]:
@@ -87,6 +93,25 @@ def _build_shapes_pope(folder: Path, params: dict[str, Any]) -> None:
     s.test_answers_path.unlink()
 
 
+def _build_shapes_retrieval(folder: Path, params: dict[str, Any]) -> None:
+    from vitune.data.builtin.shapes import generate_shapes
+    from vitune.data.builtin.shapes_scene import (
+        Scene,
+        SceneObject,
+        caption,
+        object_caption,
+    )
+    s = generate_shapes(folder, n_train=0, n_test=params["n_test"], seed=params["seed"])
+    rows = []
+    for r in read_json_records(s.scenes_path):
+        if r["split"] == "test":
+            scene = Scene(tuple(SceneObject(**o) for o in r["objects"]), 0)
+            rows += [{"image": r["image"], "caption": caption(scene)}, {"image": r["image"], "caption": object_caption(scene)}]
+    atomic_write_jsonl(folder / CAPTIONS, rows)
+    s.test_questions_path.unlink()
+    s.test_answers_path.unlink()
+
+
 def _build_easy_vqa(folder: Path, params: dict[str, Any]) -> None:
     from vitune.data.builtin.easy_vqa import convert_easy_vqa
     s = convert_easy_vqa(folder, max_train=1, max_test=params["max_test"], seed=params["seed"])
@@ -102,6 +127,9 @@ BENCHES: dict[str, Bench] = {b.name: b for b in (
           {"n_test": 500, "seed": 0, "n_per_image": 6, "probe_seed": 0}, _build_shapes_pope),
     Bench("easy-vqa", "vqa", "{question}", "easy-VQA test split (the packaged easy-vqa 1.0): shape, color, yes/no",
           {"max_test": None, "seed": 0}, _build_easy_vqa),
+    Bench("shapes-retrieval", "retrieval", "{question}", "image-text retrieval on the shapes test images: 2 captions "
+          "per image (the grid caption and an object sentence), Recall@1/5/10 both ways", {"n_test": 500, "seed": 0},
+          _build_shapes_retrieval),
 )}
 
 
@@ -139,8 +167,14 @@ def prepare_bench(name: str, max_questions: int | None = None, log: Callable[[st
     if meta.get("name") != name or meta.get("params") != bench.params:
         raise DataError(f"{marker}: holds bench {meta.get('name')!r} {meta.get('params')}, not {name!r} "
                         f"{bench.params}; delete {folder} to regenerate it")
-    questions, answers = folder / QUESTIONS, folder / ANSWERS
     params = {**bench.params, "max_questions": max_questions}
+    if bench.task == "retrieval":
+        if max_questions is not None:
+            raise DataError(f"bench {name} ranks all its images against all its captions: --max-questions does not "
+                            "apply (Recall@K depends on the gallery size, so a subset would be another benchmark)")
+        return PreparedBench(name, bench.task, bench.prompt, bench.description, params, folder, folder / CAPTIONS,
+                             None, folder)
+    questions, answers = folder / QUESTIONS, folder / ANSWERS
     if max_questions is not None:
         rows = read_json_records(questions)
         if max_questions < len(rows):

@@ -15,6 +15,13 @@
                         CLOSED_VOCABULARY distinct normalised reference answers)
 The folder is never an input, and one that holds anything but an interrupted run's partial
 predictions is refused unless `overwrite`. `compare_runs` pairs two folders' per-question scores.
+
+Retrieval (`task="retrieval"`: the bench shapes-retrieval, or a `captions` file of
+{"image", "caption"} rows) has no predictions: `runner.eval_retrieval` embeds the images and
+captions with the model's alignment head, and the folder gets only results.json (its "metrics":
+"i2t" and "t2i", each {"R@1", "R@5", "R@10"} as fractions, with "n_images", "n_captions", "n_i2t",
+"n_t2i"; the "protocol"; the model and captions SHA-256) and report.md. Per-query ranks are not
+stored, so `compare_runs` refuses retrieval runs.
 """
 
 from __future__ import annotations
@@ -49,10 +56,13 @@ from vitune.evaluation.metrics import (
 from vitune.evaluation.pope import PopeResult
 from vitune.evaluation.runner import (
     QUESTION,
+    RETRIEVAL,
     TASKS,
     VQA_GENERATION,
     PopeEvaluation,
+    RetrievalEvaluation,
     errors_path,
+    eval_retrieval,
     partial_path,
     run_predict,
 )
@@ -134,6 +144,7 @@ class EvalSpec:
     image_root: str | None = None
     model: str | None = None
     predictions: str | None = None
+    captions: str | None = None  # retrieval: a captions file ({"image", "caption"} rows) instead of a bench
     out: str | None = None  # the results folder (needed with a model)
     batch_size: int = 32
     precision: str = "fp32"
@@ -148,7 +159,7 @@ class EvalSpec:
 class EvalOutcome:
     results: dict[str, Any]
     table: str  # what `vitune eval` prints
-    result: VQAResult
+    result: VQAResult | RetrievalEvaluation
     out: Path | None = None
     files: list[Path] = field(default_factory=list)
 
@@ -220,18 +231,25 @@ def _plots(out: Path, results: dict, confusion: tuple[list[str], list[str], list
 
 def run_eval(spec: EvalSpec, log: Callable[[str], None] = _log) -> EvalOutcome:
     """The evaluation `spec` describes (module docstring); checks the results folder before any work."""
-    from vitune.evaluation.benches import prepare_bench
+    from vitune.evaluation.benches import BENCHES, prepare_bench
     t0 = time.perf_counter()
     created = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     if spec.model and not spec.out:
         raise DataError("eval --model writes the model's predictions and results into a folder, never into the "
                         "model folder: give --out RUN_DIR")
-    files = {"questions file": spec.questions, "answers file": spec.answers, "predictions file": spec.predictions}
+    files = {"questions file": spec.questions, "answers file": spec.answers, "predictions file": spec.predictions,
+             "captions file": spec.captions}
     folders = {"model folder": _model_folder(spec.model)}
+    if spec.captions and spec.task not in (None, RETRIEVAL):
+        raise DataError(f"--captions is the input of --task {RETRIEVAL}, not of --task {spec.task}")
     if spec.out:
         check_results_folder(spec.out, spec.overwrite, files, folders)
     bench = None
     questions, answers, image_root, prompt, task = spec.questions, spec.answers, spec.image_root, QUESTION, spec.task
+    if spec.captions:
+        task = RETRIEVAL
+    if task == RETRIEVAL or (spec.bench in BENCHES and BENCHES[spec.bench].task == RETRIEVAL):
+        _check_retrieval(spec)  # before the bench is generated
     if spec.bench:
         bench = prepare_bench(spec.bench, spec.max_questions, log)
         if task is not None and task != bench.task:
@@ -241,8 +259,10 @@ def run_eval(spec: EvalSpec, log: Callable[[str], None] = _log) -> EvalOutcome:
         if spec.out:
             check_results_folder(spec.out, True, {}, {"bench folder": bench.folder})
     task = task or "vqa"
+    if task == RETRIEVAL:
+        return _run_retrieval(spec, bench, questions if bench else spec.captions, image_root, t0, created, log)
     if task not in TASKS:
-        raise DataError(f"no task named {task!r}; the tasks are {sorted(TASKS)}")
+        raise DataError(f"no task named {task!r}; the tasks are {sorted([*TASKS, RETRIEVAL])}")
     out = Path(spec.out) if spec.out else None
     predicted = None
     predict_s = 0.0
@@ -306,6 +326,117 @@ def run_eval(spec: EvalSpec, log: Callable[[str], None] = _log) -> EvalOutcome:
     else:
         results["wall_time_s"] = round(time.perf_counter() - t0, 3)
     return EvalOutcome(results, table, result, out, written)
+
+
+def _check_retrieval(spec: EvalSpec) -> None:
+    """What a retrieval evaluation takes: a model, a bench or a captions file, and nothing else."""
+    if spec.predictions:
+        raise DataError("retrieval ranks a model's image and caption embeddings: there are no predictions to score; "
+                        "give --model DIR instead of --predictions")
+    if not spec.model:
+        raise DataError("retrieval needs a model with an alignment head: give --model DIR")
+    if spec.questions or spec.answers:
+        raise DataError(f"--task {RETRIEVAL} reads a captions file, not questions and answers: give --captions FILE "
+                        '(JSONL rows {"image": PATH, "caption": TEXT}) instead of --questions / --answers')
+    if spec.bench and (spec.captions or spec.image_root):
+        raise DataError(f"--bench {spec.bench} brings its own captions and images: drop --captions and --image-root")
+    if not (spec.bench or spec.captions):
+        raise DataError(f"--task {RETRIEVAL} needs --bench shapes-retrieval or --captions FILE")
+    if spec.precision != "fp32":
+        raise DataError(f"--precision {spec.precision}: retrieval embeds in fp32 only")
+    if spec.on_bad_record != "error":
+        raise DataError("--on-bad-record skip does not apply to retrieval: a skipped image would change the gallery "
+                        "every caption is ranked against; fix or remove its rows")
+
+
+def _recall(recall: Mapping[int, float]) -> dict[str, float]:
+    return {f"R@{k}": v for k, v in recall.items()}
+
+
+def _run_retrieval(spec: EvalSpec, bench, captions: str | None, image_root: str | None, t0: float, created: str,
+                   log: Callable[[str], None]) -> EvalOutcome:
+    """A retrieval evaluation into results.json and report.md (module docstring)."""
+    assert captions is not None and spec.model is not None
+    t = time.perf_counter()
+    ev = eval_retrieval(spec.model, captions, image_root, spec.batch_size, progress=spec.progress, log=log)
+    embed_s = time.perf_counter() - t
+    r = ev.result
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "vitune_version": vitune.__version__,
+        "created": created, "command": shlex.join(spec.command) if spec.command else None, "task": RETRIEVAL,
+        "bench": bench.record() if bench else None,
+        "data": {"captions": {"path": str(Path(captions).resolve()), "sha256": sha256(captions), "n": ev.n_captions},
+                 "image_root": str(Path(image_root or Path(captions).parent).resolve()), "n_images": r.n_images},
+        "model": _model_record(spec.model),
+        "protocol": {"similarity": "cosine", "captions_per_image": round(ev.n_captions / r.n_images, 4),
+                     "i2t_hit": "any of the image's captions among its K most similar captions",
+                     "t2i_hit": "the caption's own image among its K most similar images",
+                     "ties": "pessimistic: a correct item ranks after every wrong item as similar"},
+        "embedding": {"batch_size": spec.batch_size, "precision": "fp32", "text_max_len": ev.text_max_len,
+                      "n_captions_cut": ev.n_cut},
+        "metrics": {"i2t": _recall(r.i2t), "t2i": _recall(r.t2i), "n_images": r.n_images,
+                    "n_captions": ev.n_captions, "n_i2t": r.n_i2t, "n_t2i": r.n_t2i},
+        "embed_time_s": round(embed_s, 3),
+    }
+    table = _retrieval_table(results)
+    out = Path(spec.out) if spec.out else None
+    written: list[Path] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (*WRITTEN, partial_path(PREDICTIONS).name):  # an earlier run's (--overwrite)
+            (out / name).unlink(missing_ok=True)
+        results["files"] = {"report": REPORT}
+        results["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        atomic_write_json(out / RESULTS, results)
+        atomic_write_text(out / REPORT, render_report(results))
+        written = [out / RESULTS, out / REPORT]
+        table += f"\nresults in {out}: {RESULTS}, {REPORT}"
+    else:
+        results["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    return EvalOutcome(results, table, ev, out, written)
+
+
+def _retrieval_rows(results: Mapping[str, Any]) -> list[tuple[str, int, dict[str, float]]]:
+    m = results["metrics"]
+    return [("image -> text", m["n_i2t"], m["i2t"]), ("text -> image", m["n_t2i"], m["t2i"])]
+
+
+def _retrieval_table(results: Mapping[str, Any]) -> str:
+    m = results["metrics"]
+    name = results["bench"]["name"] if results["bench"] else results["data"]["captions"]["path"]
+    ks = list(m["i2t"])
+    lines = [(f"retrieval on {name}: {m['n_images']} images, {m['n_captions']} captions "
+              f"({results['protocol']['captions_per_image']:g} per image)"),
+             f"{'direction':<13}  {'n':>6}  " + "  ".join(f"{k:>6}" for k in ks)]
+    for label, n, recall in _retrieval_rows(results):
+        lines.append(f"{label:<13}  {n:>6}  " + "  ".join(f"{_pct(v):>5}%" for v in recall.values()))
+    return "\n".join(lines)
+
+
+def _render_retrieval_report(results: Mapping[str, Any]) -> str:
+    bench, model, data, m = results["bench"], results["model"], results["data"], results["metrics"]
+    title = bench["name"] if bench else Path(data["captions"]["path"]).name
+    e, proto = results["embedding"], results["protocol"]
+    lines = [f"# Evaluation: {title}", "",
+             f"- **model**: `{model['path']}` (model.safetensors SHA-256 `{model['weights_sha256'][:16]}…`)"]
+    if bench:
+        params = ", ".join(f"{k}={v}" for k, v in bench["params"].items() if v is not None)
+        lines.append(f"- **bench**: {bench['name']} ({bench['description']}; {params})")
+    lines += [(f"- **captions**: `{data['captions']['path']}` ({data['captions']['n']} captions of "
+               f"{data['n_images']} images, SHA-256 `{data['captions']['sha256'][:16]}…`)"),
+              (f"- **task**: retrieval; {proto['similarity']} similarity; image → text: a hit when "
+               f"{proto['i2t_hit']}; text → image: when {proto['t2i_hit']}; ties {proto['ties']}"),
+              (f"- **embedding**: batch size {e['batch_size']}, {e['precision']}, captions cut to "
+               f"{e['text_max_len']} tokens ({e['n_captions_cut']} were)"),
+              (f"- **date**: {results['created']}; vitune {results['vitune_version']}; wall time "
+               f"{results['wall_time_s']} s"), "", "## Results", ""]
+    ks = list(m["i2t"])
+    lines += ["| direction | n | " + " | ".join(ks) + " |", "|---|---:|" + "---:|" * len(ks)]
+    for label, n, recall in _retrieval_rows(results):
+        lines.append(f"| {label.replace('->', '→')} | {n} | " + " | ".join(f"{_pct(v)} %" for v in recall.values()) + " |")
+    if results["command"]:
+        lines += ["", "## Command", "", f"    {results['command']}"]
+    return "\n".join(lines) + "\n"
 
 
 def _model_folder(model: str | None) -> Path | None:
@@ -376,6 +507,8 @@ def _table(evaluation: VQAResult | PopeEvaluation, results: dict) -> str:
 
 def render_report(results: Mapping[str, Any]) -> str:
     """The Markdown report of a results.json."""
+    if results["task"] == RETRIEVAL:
+        return _render_retrieval_report(results)
     bench, model, data = results["bench"], results["model"], results["data"]
     title = bench["name"] if bench else Path(data["questions"]["path"]).name
     lines = [f"# Evaluation: {title}", ""]
@@ -441,6 +574,9 @@ def _load_run(folder: str | Path) -> tuple[dict, dict]:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
         raise DataError(f"{path}: not a vitune results file (format {RESULTS_FORMAT!r})")
+    if results.get("task") == RETRIEVAL:
+        raise DataError(f"{folder}: a retrieval run; --compare pairs per-question scores, and a retrieval run stores "
+                        f"only its Recall@K (no per-query ranks): compare the two {RESULTS} metrics by hand")
     scores = {}
     for row in read_json_records(folder / SCORES):
         scores[row["question_id"]] = float(row["score"])

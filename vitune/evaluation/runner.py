@@ -4,6 +4,8 @@
 for a questions file into a predictions file, and `eval_vqa` scores predictions against reference
 answers with the VQAv2 rule (`answers.vqa_accuracy`), overall and per category, with its coverage
 explicit; `eval_pope` adds the POPE yes/no metrics per sampling (the questions' category).
+`eval_retrieval` is the one task without predictions: Recall@K of a model's alignment head on a
+captions file (its own section below).
 `run_predict` asks each question as `prompt` says: "{question}" (the default) is the text as given.
 
 `run_predict` never loses work and never writes where it must not:
@@ -30,11 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from vitune.checkpoints.model_folder import resolve_model_dir
-from vitune.data.processor import load_image
+from vitune.data.processor import (
+    ImageTransform,
+    _encode_text,
+    load_image,
+    pad_instructions,
+)
 from vitune.data.vqa_format import (
     Question,
     QuestionId,
@@ -45,7 +53,8 @@ from vitune.data.vqa_format import (
 )
 from vitune.evaluation.metrics import VQAResult, id_type_mismatch, score_vqa
 from vitune.evaluation.pope import PopeResult, pope_metrics
-from vitune.files import DataError, atomic_write_jsonl
+from vitune.evaluation.retrieval import DEFAULT_KS, RetrievalResult, recall_at_k
+from vitune.files import DataError, atomic_write_jsonl, read_json_records
 from vitune.inference.assistant import Assistant, Request, user_turn
 from vitune.inference.generate import GenerationConfig
 
@@ -435,3 +444,91 @@ def eval_pope(questions_path: str, answers_path: str, predictions: Mapping[Quest
 
 
 TASKS: dict[str, Callable[..., VQAResult | PopeEvaluation]] = {"vqa": eval_vqa, "pope": eval_pope}
+
+
+# -- retrieval --------------------------------------------------------------------------------------
+
+RETRIEVAL = "retrieval"
+
+
+@dataclass(frozen=True)
+class RetrievalEvaluation:
+    """Recall@K of a model's alignment head on a captions file (`eval_retrieval`)."""
+
+    result: RetrievalResult
+    images: tuple[str, ...]  # the gallery, in first-appearance order (paths as the file gives them)
+    n_captions: int
+    text_max_len: int  # captions are cut to this many tokens, as in training
+    n_cut: int  # captions that were cut
+
+
+def read_captions(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """(image, caption, where) per row of a captions file: JSONL (or a JSON list) of
+    {"image": path relative to the image root, "caption": text}; an image may have several rows."""
+    rows = read_json_records(path)
+    if not rows:
+        raise DataError(f"{path}: holds no captions")
+    out = []
+    for k, row in enumerate(rows, 1):
+        where = f"{path}: row {k}"
+        for key in ("image", "caption"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f'{where}: needs a non-empty string "{key}" (a captions file holds '
+                                '{"image": PATH, "caption": TEXT} rows)')
+        out.append((row["image"], row["caption"], where))
+    return out
+
+
+def eval_retrieval(model_dir: str | os.PathLike, captions_path: str | os.PathLike,
+                   image_root: str | os.PathLike | None = None, batch_size: int = 32,
+                   ks: tuple[int, ...] = DEFAULT_KS, progress: bool = False,
+                   log: Callable[[str], None] = _log) -> RetrievalEvaluation:
+    """Image-text retrieval with the model's alignment head (`model.contrastive`): every distinct
+    image of the captions file (`read_captions`; image paths relative to `image_root`, default the
+    file's folder) is embedded with `embed_images` (the vision transform of training), every caption
+    with `embed_texts` (encoded as training encodes captions: `im_start` + its ids, cut to
+    `model.contrastive.text.max_len`, padded with the tokenizer's eos), and `retrieval.recall_at_k`
+    ranks them (cosine; each caption's own image; an image's hit: any of its captions). Eval mode,
+    no autograd, fp32 on the CPU: deterministic. A model without an alignment head is refused
+    before its weights load."""
+    from vitune.checkpoints.model_folder import load_pretrained, read_model_config
+    _batches([], batch_size)  # checks it
+    folder = resolve_model_dir(model_dir)
+    cfg, _ = read_model_config(folder)
+    if not cfg.contrastive.dim:
+        raise DataError(f"{folder}: this model has no alignment head (model.contrastive.dim = 0), so it has no "
+                        "image and text embeddings to rank; retrieval needs a model trained with "
+                        "model.contrastive.dim=N > 0 and a stage with contrastive_weight > 0")
+    rows = read_captions(captions_path)
+    root = Path(image_root) if image_root else Path(captions_path).parent
+    index: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for image, _, where in rows:
+        if image not in index:
+            index[image], first[image] = len(index), where
+            if not (root / image).is_file():
+                raise DataError(f"{where}: image not found: {root / image}")
+    model, tok = load_pretrained(folder)
+    model.eval()
+    max_len = model.cfg.contrastive.text.max_len
+    cut: list[str] = []
+    texts = [_encode_text(tok, c, max_len, f"{where}: caption", "text encoder", cut.append) for _, c, where in rows]
+    if cut:
+        log(f"note: {len(cut)} of {len(rows)} captions cut to the text encoder's max_len={max_len} (as in training); "
+            f"the first: {cut[0]}")
+    transform = ImageTransform.for_vision(model.cfg.vision)
+    images = list(index)
+    image_emb, text_emb = [], []
+    with torch.no_grad(), tqdm(total=len(images) + len(texts), desc="embed", disable=not progress,
+                               dynamic_ncols=True) as bar:
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            pixels = transform([load_image(root / im, first[im]) for im in chunk])
+            image_emb.append(model.embed_images(pixels).float())
+            bar.update(len(chunk))
+        for i in range(0, len(texts), batch_size):
+            ids, mask = pad_instructions(texts[i:i + batch_size], tok.special.eos)
+            text_emb.append(model.embed_texts(ids, mask).float())
+            bar.update(len(ids))
+    result = recall_at_k(torch.cat(image_emb), torch.cat(text_emb), [index[im] for im, _, _ in rows], ks)
+    return RetrievalEvaluation(result, tuple(images), len(rows), max_len, len(cut))

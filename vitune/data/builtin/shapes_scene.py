@@ -124,6 +124,17 @@ def caption(scene: Scene) -> str:
     return "; ".join(parts) + "."
 
 
+def object_caption(scene: Scene) -> str:
+    """The same scene in a second phrasing, for multi-caption retrieval (`vitune eval --bench
+    shapes-retrieval`): its objects only, as a sentence, e.g. "A small red circle at the top and a
+    large blue square at the bottom right." (never used in training)."""
+    parts = [f"a {o.size} {o.color} {o.shape} at the {o.position}" for o in scene.objects]  # sizes: small, large
+    if not parts:
+        return "Nothing."
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
 # ---------------------------------------------------------------- questions and answers
 
 def question_text(spec: QuestionSpec) -> str:
