@@ -26,8 +26,8 @@ import torch
 
 from vitune.data.processor import load_image
 from vitune.data.vqa_format import read_answers, read_questions
+from vitune.evaluation.answering import VQA_GENERATION, predict_vqa
 from vitune.evaluation.metrics import vqa_exact_match
-from vitune.evaluation.runner import VQA_GENERATION, predict_vqa
 from vitune.inference.assistant import Assistant, Request, user_turn
 
 MODES = ("reference", "shared", "shared-bf16")

@@ -23,7 +23,7 @@ from vitune.data.processor import (
 )
 from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.evaluation import benches
-from vitune.evaluation.report import sha256
+from vitune.evaluation.results import sha256
 from vitune.evaluation.retrieval import recall_at_k
 from vitune.evaluation.runner import eval_retrieval
 from vitune.files import DataError

@@ -1,6 +1,6 @@
-"""Evaluation: the VQA runner (`vitune.evaluation.runner`: batching by image, answers in question
-order, files in, scores out) and the exact-match metrics beyond tests/test_vqa_metrics.py
-(several references, empty and category edge cases, table layout)."""
+"""Evaluation: the VQA pipeline (`vitune.evaluation.answering`: batching by image, answers in
+question order; `predict`: files in; `runner`: scores out) and the exact-match metrics beyond
+tests/test_vqa_metrics.py (several references, empty and category edge cases, table layout)."""
 
 import dataclasses
 import json
@@ -11,6 +11,7 @@ from PIL import Image
 from vitune.checkpoints.model_folder import save_pretrained
 from vitune.data.tokenizer import IMAGE_SLOT
 from vitune.data.vqa_format import Question, read_predictions
+from vitune.evaluation.answering import VQA_GENERATION, _batches, predict_vqa
 from vitune.evaluation.metrics import (
     UNCATEGORISED,
     CategoryScore,
@@ -18,14 +19,8 @@ from vitune.evaluation.metrics import (
     is_correct,
     vqa_exact_match,
 )
-from vitune.evaluation.runner import (
-    TASKS,
-    VQA_GENERATION,
-    _batches,
-    eval_vqa,
-    predict_vqa,
-    run_predict,
-)
+from vitune.evaluation.predict import run_predict
+from vitune.evaluation.runner import TASKS, eval_vqa
 from vitune.files import DataError
 
 # -- metrics ----------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from vitune.cli import main
-from vitune.evaluation.runner import errors_path, partial_path
+from vitune.evaluation.partial import partial_path
+from vitune.evaluation.predict import errors_path
 from vitune.inference.assistant import Assistant
 from vitune.inference.generate import GenerationConfig
 

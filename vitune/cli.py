@@ -178,7 +178,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from vitune.evaluation.runner import run_predict
+    from vitune.evaluation.predict import run_predict
     report = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size,
                          precision=args.precision, on_bad_record=args.on_bad_record, overwrite=args.overwrite)
     print(report.summary())
@@ -187,10 +187,12 @@ def cmd_predict(args) -> None:
 def cmd_eval(args) -> None:
     """Evaluate a model (`--model`, answers into `--out RUN_DIR`) or score `--predictions`, on a
     built-in `--bench` or `--questions` + `--answers`; `--out` is the results folder
-    (vitune.evaluation.report). Retrieval (`--bench shapes-retrieval`, or `--captions FILE`, which
+    (vitune.evaluation.evaluate). Retrieval (`--bench shapes-retrieval`, or `--captions FILE`, which
     implies `--task retrieval`) ranks a model's alignment-head embeddings: no predictions.
     `--compare RUN_A RUN_B` puts two results folders side by side."""
-    from vitune.evaluation.report import EvalSpec, compare_runs, run_eval
+    from vitune.evaluation.compare import compare_runs
+    from vitune.evaluation.evaluate import run_eval
+    from vitune.evaluation.results import EvalSpec
     if args.compare:
         given = [f"--{k.replace('_', '-')}" for k in ("model", "predictions", "bench", "questions", "answers",
                                                        "captions", "out", "max_questions", "task") if getattr(args, k)]

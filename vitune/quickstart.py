@@ -12,7 +12,9 @@ from pathlib import Path
 from vitune.data.builtin.shapes import generate_shapes
 from vitune.data.vqa_format import read_predictions, read_questions
 from vitune.evaluation.metrics import format_table
-from vitune.evaluation.runner import eval_vqa, partial_path, run_predict
+from vitune.evaluation.partial import partial_path
+from vitune.evaluation.predict import run_predict
+from vitune.evaluation.runner import eval_vqa
 from vitune.files import atomic_write_json
 from vitune.presets import small
 from vitune.training.train import train
