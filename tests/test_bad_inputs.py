@@ -832,7 +832,7 @@ PREDICT = [
     Case("predict-out-exists", predict(), 2, r"--out .*p\.jsonl already exists; pass --overwrite",
          both(questions(), write("{tmp}/p.jsonl", "my earlier predictions\n")), keep=("{tmp}/p.jsonl",)),
     Case("predict-out-under-a-file", predict(out="{tmp}/notes.txt/p.jsonl"), 2,
-         r"--out .*notes\.txt/p\.jsonl: cannot create its folder: .*notes\.txt is a file",
+         r"--out .*notes\.txt/p\.jsonl: cannot create it: .*notes\.txt is a file",
          both(questions(), write("{tmp}/notes.txt", "mine")), keep=("{tmp}/notes.txt",)),
     Case("predict-partial-of-other-questions", predict(), 2,
          r"p\.jsonl\.partial holds answers for questions .*other\.jsonl.*delete .*p\.jsonl\.partial to start over",

@@ -144,6 +144,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_creatable(path: Path, what: str) -> None:
+    """`path` can be created: its nearest existing ancestor is a folder we may write in (`what`
+    names the path in the error, e.g. "--out runs/x")."""
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{what}: cannot create it: {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{what}: cannot write in {folder} (permission denied)")
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: dict[str, str | os.PathLike]) -> Path:
     """Before any work: `out` is a folder vitune may create or (`overwrite`) replace, and holds
     none of the `inputs` (name -> path) nor lies inside one."""

@@ -36,7 +36,7 @@ from vitune.evaluation.answering import (
     render_prompt,
 )
 from vitune.evaluation.partial import append_answers, open_partial, partial_header, partial_path, resume_partial
-from vitune.files import DataError, atomic_write_jsonl
+from vitune.files import DataError, atomic_write_jsonl, check_creatable
 from vitune.inference.assistant import Assistant
 from vitune.inference.generate import GenerationConfig
 
@@ -62,13 +62,7 @@ def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike 
             if t.resolve() == Path(given).resolve():
                 what = text if t == path else f"{text} (its {t.name})"
                 raise DataError(f"{flag} {what} would overwrite the {name} {os.fspath(given)}; choose another path")
-    folder = path.resolve().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DataError(f"{flag} {text}: cannot create its folder: {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DataError(f"{flag} {text}: cannot write in {folder} (permission denied)")
+    check_creatable(path, f"{flag} {text}")
     if path.exists() and not overwrite:
         raise DataError(f"{flag} {text} already exists; pass --overwrite to replace it, or choose another path")
     return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from vitune.evaluation.partial import partial_path
 from vitune.evaluation.pope import PopeResult
 from vitune.evaluation.predict import errors_path
 from vitune.evaluation.runner import PopeEvaluation, RetrievalEvaluation
-from vitune.files import DataError
+from vitune.files import DataError, check_creatable
 from vitune.inference.generate import GenerationConfig
 
 RESULTS_FORMAT = "vitune-eval-results"
@@ -69,13 +68,7 @@ def check_results_folder(out: str | Path, overwrite: bool, files: Mapping[str, s
             shown = ", ".join(held[:4]) + (f", ... ({len(held) - 4} more)" if len(held) > 4 else "")
             raise DataError(f"--out {out}: exists and is not empty (it holds {shown}); pass --overwrite to replace "
                             "its results, or choose another folder")
-    folder = o
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DataError(f"--out {out}: cannot create it: {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out}: cannot write in {folder} (permission denied)")
+    check_creatable(o / "x", f"--out {out}")
     return path
 
 
