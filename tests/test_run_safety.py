@@ -195,3 +195,13 @@ def test_stop_after_reports_no_model(shapes_dir, tmp_path):
     result = train(cfg(), data(shapes_dir), tmp_path, stop_after=1, **QUIET)
     assert result.stopped and result.model is None and not (tmp_path / "model").exists()
     assert train(cfg(), data(shapes_dir), tmp_path, resume=True, **QUIET).model == tmp_path / "model"
+
+
+def test_resume_never_replaces_a_model_it_cannot_continue(shapes_dir, tmp_path):
+    import shutil
+    train(cfg(), data(shapes_dir), tmp_path, **QUIET)
+    shutil.rmtree(tmp_path / "state")
+    before = weights(tmp_path / "model")
+    with pytest.raises(ConfigError, match="holds a model but no training state"):
+        train(cfg(), data(shapes_dir), tmp_path, resume=True, **QUIET)
+    assert weights(tmp_path / "model").keys() == before.keys()

@@ -241,6 +241,9 @@ def _start(cfg: Config, prep: Prepared, out: Path, resume: bool, allow_change: b
     (also for `--resume` of a run killed before its first save, so a kill-and-resume loop works)."""
     state_dir = out / "state"
     if resume and not has_state(state_dir):
+        if (out / "model").exists():
+            raise ConfigError(f"--resume: {out} holds a model but no training state ({state_dir}) to continue from; "
+                              "pass --overwrite to train afresh (replacing that model), or another --out")
         log(f"--resume: no training state saved in {state_dir} yet: starting from the beginning")
         resume = False
     if not resume:
