@@ -92,89 +92,13 @@ def _gen(args):
                             top_p=args.top_p, seed=args.seed)
 
 
-def _printer():
-    """Print streamed text as it comes, without the leading space a tokenizer may put first."""
-    started = False
-
-    def show(text: str) -> None:
-        nonlocal started
-        text = text if started else text.lstrip()
-        started = started or bool(text)
-        print(text, end="", flush=True)
-    return show
-
-
 def cmd_chat(args) -> None:
-    """A question given: answer it and end. None: an interactive session that keeps going on bad
-    input (an error, such as a message too long for the model, is shown, the message dropped and
-    the next one read; Ctrl-C during a reply stops that reply; empty lines are ignored; `exit`,
-    `quit` or the end of input ends it). A conversation that outgrows the model's max_seq_len
-    drops its oldest exchanges, with a notice; the images stay: they move from the first question
-    to the oldest question kept."""
-    from vitune.data.chat import Message, render
     from vitune.data.processor import load_image
-    from vitune.inference.assistant import Assistant, Request, user_turn
+    from vitune.inference.assistant import Assistant
+    from vitune.inference.chat_session import run_chat
     gen = _gen(args)  # bad values: an error before the model loads
     images = [load_image(p) for p in args.image]
-    assistant = Assistant.load(args.model)
-    max_len = assistant.model.cfg.lm.max_seq_len
-
-    def fits(msgs: list[Message]) -> bool:  # the rule of Assistant.prompt_ids
-        r = render(assistant.tok, msgs, assistant.template, assistant.model.n_image_tokens,
-                   add_generation_prompt=True, system_prompt=assistant.model.cfg.system_prompt)
-        return len(r.input_ids) + gen.max_new_tokens <= max_len
-
-    def fit(msgs: list[Message]) -> tuple[list[Message], int]:
-        dropped = 0
-        while len(msgs) > 1 and not fits(msgs):  # user, assistant, ..., user: drop the oldest pair
-            msgs = msgs[2:]
-            if images:  # the first message holds the images: so does the one that is first now
-                msgs[0] = user_turn(msgs[0].text, len(images))  # a follow-up's text is as typed
-            dropped += 1
-        return msgs, dropped
-
-    interactive = not args.question
-    messages: list[Message] = []
-    question = " ".join(args.question)
-    while True:
-        if interactive:
-            try:
-                question = input("you> ").strip()
-            except EOFError:
-                print()
-                return
-            if question in ("exit", "quit"):
-                return
-            if not question:
-                continue
-        try:
-            turn = user_turn(question, len(images) if not messages else 0)
-        except ValueError as e:
-            if not interactive:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        history, dropped = fit([*messages, turn])
-        if dropped:
-            kept = "; the image stays, now with the oldest question kept" if images else ""
-            print(f"note: the conversation outgrew the model's context ({max_len} tokens, {gen.max_new_tokens} of "
-                  f"them for the reply): dropped its oldest {dropped} exchange(s){kept}", file=sys.stderr)
-        try:
-            reply = assistant.answer(Request(images, history), gen, on_text=_printer())
-        except ValueError as e:
-            if not interactive:
-                raise
-            print(f"error: {e}\n(that message is dropped; the conversation goes on)", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            print("\n(reply stopped; the conversation goes on)", file=sys.stderr)
-            continue
-        print()
-        if not interactive:
-            return
-        messages = [*history, Message("assistant", reply)]
+    run_chat(Assistant.load(args.model), images, gen, " ".join(args.question) or None)
 
 
 def cmd_predict(args) -> None:

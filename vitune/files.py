@@ -22,7 +22,7 @@ class DataError(ValueError):
     """Bad input data: the message names the file, record or field at fault."""
 
 
-# Temporary files and folders are named `.NAME.vitune-PID-XXXX.tmp`: the writer's pid says
+# Temporary files and folders are named `.NAME.vitune-PID-<random>.tmp`: the writer's pid says
 # whether a leftover belongs to a process that is gone (killed mid-write) and may be removed.
 TEMP_NAME = re.compile(r"^\..+\.vitune-(\d+)-\w+\.tmp$")
 
