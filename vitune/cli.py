@@ -119,7 +119,8 @@ def cmd_eval(args) -> None:
     from vitune.evaluation.results import EvalSpec
     if args.compare:
         given = [f"--{k.replace('_', '-')}" for k in ("model", "predictions", "bench", "questions", "answers",
-                                                       "captions", "out", "max_questions", "task") if getattr(args, k)]
+                                                       "captions", "out", "max_questions", "task", "caption_prompt")
+                 if getattr(args, k)]
         if given:
             raise ConfigError(f"--compare reads two results folders and takes no other input: drop {', '.join(given)}")
         print(compare_runs(*args.compare))
@@ -144,8 +145,9 @@ def cmd_eval(args) -> None:
     outcome = run_eval(EvalSpec(
         task=args.task, bench=args.bench, max_questions=args.max_questions, questions=args.questions,
         answers=args.answers, image_root=args.image_root, model=args.model, predictions=args.predictions,
-        captions=args.captions, out=args.out, batch_size=args.batch_size, precision=args.precision, on_bad_record=args.on_bad_record,
-        overwrite=args.overwrite, command=_eval_command(args)))
+        captions=args.captions, out=args.out, batch_size=args.batch_size, precision=args.precision,
+        on_bad_record=args.on_bad_record, overwrite=args.overwrite, caption_prompt=args.caption_prompt,
+        command=_eval_command(args)))
     print(outcome.table)
     r = outcome.result
     if getattr(r, "n_missing", 0):
@@ -157,8 +159,7 @@ def _eval_command(args) -> tuple[str, ...]:
     """The evaluation as one canonical command line (every option that applies, defaults included)."""
     argv = ["vitune", "eval"]
     for key in ("model", "predictions", "bench", "max_questions", "questions", "answers", "captions", "image_root",
-                "task",
-                "out", "batch_size", "precision", "on_bad_record"):
+                "task", "caption_prompt", "out", "batch_size", "precision", "on_bad_record"):
         value = getattr(args, key)
         if value is not None and not (args.predictions and key in ("batch_size", "precision", "on_bad_record")):
             argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -278,10 +279,15 @@ def _use_parsers(sub) -> None:
                    help='retrieval on your own captions: JSONL rows {"image": PATH (relative to --image-root, default '
                         'the file\'s folder), "caption": TEXT}, several rows per image allowed; implies --task '
                         'retrieval and needs --model with an alignment head (model.contrastive.dim > 0)')
-    p.add_argument("--task", choices=["vqa", "pope", "retrieval"],
-                   help="how to score (default: the bench's, else vqa; retrieval: Recall@1/5/10 image->text and "
-                        "text->image, multi-caption, from --bench shapes-retrieval or --captions; its RUN_DIR gets "
-                        "only results.json and report.md)")
+    p.add_argument("--task", choices=["vqa", "pope", "choice", "retrieval", "caption"],
+                   help="how to score (default: the bench's, else vqa; choice: the option letter an answer names; "
+                        "retrieval: Recall@1/5/10 image->text and text->image, multi-caption, from --bench "
+                        "shapes-retrieval or --captions, its RUN_DIR gets only results.json and report.md; caption: "
+                        "one caption per image of --captions (its rows the references) or --bench shapes-captions, "
+                        "BLEU/METEOR/ROUGE-L/CIDEr)")
+    p.add_argument("--caption-prompt", metavar="TEXT",
+                   help='--task caption: the instruction asked for each caption (default: the bench\'s, else '
+                        '"Describe the image."; recorded)')
     p.add_argument("--model"), p.add_argument("--predictions", help="score this predictions file instead of a model")
     p.add_argument("--out", metavar="RUN_DIR", help="the results folder: predictions.jsonl, scores.jsonl, "
                                                     "results.json, report.md, plots (needed with --model)")

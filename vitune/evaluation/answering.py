@@ -5,7 +5,8 @@ image tokens) runs once per batch (`Assistant.answer_batch`); answers come back 
 A question whose image is missing or corrupt, whose `<image>` tags do not match its image, or
 whose prompt is too long is a bad question: `on_bad_record="error"` (default) raises a `DataError`
 naming it, `"skip"` turns it into an error row {"question_id", "error"} and answers the rest.
-Also here: the generation settings of short VQA answers (`VQA_GENERATION`) and the prompt template
+Also here: the generation settings of short VQA answers (`VQA_GENERATION`) and of captions
+(`CAPTION_GENERATION`), and the prompt template
 a question is asked through (`render_prompt`; `QUESTION` asks the text as given).
 """
 
@@ -25,6 +26,7 @@ from vitune.inference.generate import GenerationConfig
 
 # Short answers are what VQA references hold; keep generation bounded.
 VQA_GENERATION = GenerationConfig(max_new_tokens=16)
+CAPTION_GENERATION = GenerationConfig(max_new_tokens=96)  # a caption is a sentence or a few
 BAD_RECORD_POLICIES = ("error", "skip")
 QUESTION = "{question}"  # the prompt template that asks the question text as given
 

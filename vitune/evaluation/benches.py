@@ -10,13 +10,19 @@ atomically, and reused while present:
 - `shapes-pope`: POPE existence probes over the same 500 test scenes, each of the three samplings
   (random, popular, adversarial; up to 6 probes per image, half yes, half no; seed 0): 7,986 yes/no
   questions, the sampling as their category;
+- `shapes-choice` (task `choice`): the same 3,000 questions as multiple choice (`choice.
+  make_choice_questions`: the answer and up to 3 other answers of its category, in a seeded order,
+  as options "A. ..." on their own lines, then "Answer with the option's letter ..."); the answer
+  key is the letter;
 - `easy-vqa`: the packaged easy-VQA test split, every question (9,673);
 - `shapes-retrieval` (task `retrieval`): the same 500 test images, each with 2 captions from its
   scene (`caption`: the 3x3 grid cell by cell, as training captions are written; `object_caption`:
   its objects as a sentence), 1,000 captions in `captions.jsonl`, one {"image": path relative to
   the bench folder, "caption": text} per line, an image's captions on adjacent lines.
-`prepare_bench(name, max_questions=N)` keeps the first N questions (file order), recorded; a
-retrieval bench refuses it (Recall@K depends on the gallery size: a subset is another benchmark).
+- `shapes-captions` (task `caption`): the same captions file, the references of each image's one
+  caption, asked with the bench's prompt, "Describe the image." (how the shapes data train it).
+`prepare_bench(name, max_questions=N)` keeps the first N questions (file order; a caption bench:
+the first N images), recorded; a retrieval bench refuses it (Recall@K depends on the gallery size: a subset is another benchmark).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ QUESTIONS, ANSWERS, CAPTIONS = "questions.jsonl", "answers.jsonl", "captions.jso
 class Bench:
     name: str
     task: str  # a key of runner.TASKS, or "retrieval" (runner.eval_retrieval)
-    prompt: str  # the template each question is asked through
+    prompt: str  # the template each question is asked through (caption: the instruction asked per image)
     description: str
     params: dict[str, Any]  # the data's parameters (part of the cache folder's name)
     build: Callable[[Path, dict[str, Any]], None] = field(repr=False)  # writes QUESTIONS, ANSWERS (retrieval:
@@ -75,6 +81,16 @@ def _build_shapes(folder: Path, params: dict[str, Any]) -> None:
     s = generate_shapes(folder, n_train=0, n_test=params["n_test"], seed=params["seed"])
     os.replace(s.test_questions_path, folder / QUESTIONS)
     os.replace(s.test_answers_path, folder / ANSWERS)
+
+
+def _build_shapes_choice(folder: Path, params: dict[str, Any]) -> None:
+    from vitune.evaluation.choice import make_choice_questions
+    _build_shapes(folder, params)
+    answers = {r["question_id"]: r["answer"] for r in read_json_records(folder / ANSWERS)}
+    questions, keys = make_choice_questions(read_json_records(folder / QUESTIONS), answers, params["n_options"],
+                                            params["choice_seed"])
+    atomic_write_jsonl(folder / QUESTIONS, questions)
+    atomic_write_jsonl(folder / ANSWERS, keys)
 
 
 def _build_shapes_pope(folder: Path, params: dict[str, Any]) -> None:
@@ -125,6 +141,12 @@ BENCHES: dict[str, Bench] = {b.name: b for b in (
     Bench("shapes-pope", "pope", "{question}", "POPE object-existence probes on the shapes test scenes: "
           "random, popular and adversarial sampling, half yes, half no",
           {"n_test": 500, "seed": 0, "n_per_image": 6, "probe_seed": 0}, _build_shapes_pope),
+    Bench("shapes-choice", "choice", "{question}", "the shapes test questions as multiple choice: the answer and "
+          "up to 3 other answers of the question's category as options A-D, answered with a letter",
+          {"n_test": 500, "seed": 0, "n_options": 4, "choice_seed": 0}, _build_shapes_choice),
+    Bench("shapes-captions", "caption", "Describe the image.", "captioning the shapes test images, scored against 2 "
+          "references each (the grid caption and an object sentence): BLEU-1..4, METEOR, ROUGE-L, CIDEr",
+          {"n_test": 500, "seed": 0}, _build_shapes_retrieval),
     Bench("easy-vqa", "vqa", "{question}", "easy-VQA test split (the packaged easy-vqa 1.0): shape, color, yes/no",
           {"max_test": None, "seed": 0}, _build_easy_vqa),
     Bench("shapes-retrieval", "retrieval", "{question}", "image-text retrieval on the shapes test images: 2 captions "
@@ -168,6 +190,9 @@ def prepare_bench(name: str, max_questions: int | None = None, log: Callable[[st
         raise DataError(f"{marker}: holds bench {meta.get('name')!r} {meta.get('params')}, not {name!r} "
                         f"{bench.params}; delete {folder} to regenerate it")
     params = {**bench.params, "max_questions": max_questions}
+    if bench.task == "caption":
+        return PreparedBench(name, bench.task, bench.prompt, bench.description, params, folder, folder / CAPTIONS,
+                             None, folder)
     if bench.task == "retrieval":
         if max_questions is not None:
             raise DataError(f"bench {name} ranks all its images against all its captions: --max-questions does not "

@@ -2,7 +2,7 @@
 
 Per category and overall with n and 95 % intervals, and whether the overall difference is larger
 than the noise (paired on the questions both scored). Runs of different benchmarks, tasks,
-question sets or reference answers are refused, and so are retrieval runs (no per-query ranks).
+question sets or reference answers are refused, and so are retrieval runs (no per-query ranks) and caption runs (corpus-level metrics).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from vitune.evaluation.intervals import Accuracy, compare
 from vitune.evaluation.results import RESULTS, RESULTS_FORMAT, SCORES
-from vitune.evaluation.runner import RETRIEVAL
+from vitune.evaluation.runner import CAPTION, RETRIEVAL
 from vitune.files import DataError, read_json_records
 
 
@@ -35,6 +35,9 @@ def _load_run(folder: str | Path) -> tuple[dict, dict]:
     if results.get("task") == RETRIEVAL:
         raise DataError(f"{folder}: a retrieval run; --compare pairs per-question scores, and a retrieval run stores "
                         f"only its Recall@K (no per-query ranks): compare the two {RESULTS} metrics by hand")
+    if results.get("task") == CAPTION:
+        raise DataError(f"{folder}: a caption run; --compare pairs per-question scores, and caption metrics are "
+                        f"corpus-level (no per-image scores): compare the two {RESULTS} metrics by hand")
     scores = {}
     for row in read_json_records(folder / SCORES):
         scores[row["question_id"]] = float(row["score"])

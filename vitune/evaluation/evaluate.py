@@ -15,7 +15,7 @@ file), scores it (`runner.TASKS`) and, given a results folder, writes there:
                         CLOSED_VOCABULARY distinct normalised reference answers)
 The folder is never an input, and one that holds anything but an interrupted run's partial
 predictions is refused unless `overwrite` (`results.check_results_folder`). A retrieval task has no
-predictions: it goes to `retrieval_results`.
+predictions: it goes to `retrieval_results`; captioning (corpus-level metrics) to `caption_results`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import vitune
 from vitune.data.vqa_format import read_answers, read_predictions, read_questions, write_predictions
 from vitune.evaluation.answering import QUESTION
 from vitune.evaluation.answers import vqa_normalize
+from vitune.evaluation.caption_results import _check_caption, _run_caption
+from vitune.evaluation.choice import extract_letter
 from vitune.evaluation.intervals import Accuracy
 from vitune.evaluation.metrics import UNCATEGORISED, VQAResult
 from vitune.evaluation.predict import errors_path, run_predict
@@ -57,12 +59,12 @@ from vitune.evaluation.results import (
     sha256,
 )
 from vitune.evaluation.retrieval_results import _check_retrieval, _run_retrieval
-from vitune.evaluation.runner import RETRIEVAL, TASKS, PopeEvaluation
+from vitune.evaluation.runner import CAPTION, RETRIEVAL, TASKS, ChoiceEvaluation, Evaluation, vqa_result
 from vitune.evaluation.tables import _table
 from vitune.files import DataError, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 CLOSED_VOCABULARY = 30  # at most this many distinct reference answers: a confusion plot
-OTHER, MISSING = "(other)", "(missing)"
+OTHER, MISSING, UNPARSEABLE = "(other)", "(missing)", "(unparseable)"
 
 
 def _log(msg: str) -> None:
@@ -80,16 +82,21 @@ def run_eval(spec: EvalSpec, log: Callable[[str], None] = _log) -> EvalOutcome:
     files = {"questions file": spec.questions, "answers file": spec.answers, "predictions file": spec.predictions,
              "captions file": spec.captions}
     folders = {"model folder": _model_folder(spec.model)}
-    if spec.captions and spec.task not in (None, RETRIEVAL):
-        raise DataError(f"--captions is the input of --task {RETRIEVAL}, not of --task {spec.task}")
+    if spec.captions and spec.task not in (None, RETRIEVAL, CAPTION):
+        raise DataError(f"--captions is the input of --task {RETRIEVAL} or {CAPTION}, not of --task {spec.task}")
     if spec.out:
         check_results_folder(spec.out, spec.overwrite, files, folders)
     bench = None
     questions, answers, image_root, prompt, task = spec.questions, spec.answers, spec.image_root, QUESTION, spec.task
     if spec.captions:
-        task = RETRIEVAL
-    if task == RETRIEVAL or (spec.bench in BENCHES and BENCHES[spec.bench].task == RETRIEVAL):
+        task = task or RETRIEVAL
+    bench_task = BENCHES[spec.bench].task if spec.bench in BENCHES else None
+    if task == RETRIEVAL or bench_task == RETRIEVAL:
         _check_retrieval(spec)  # before the bench is generated
+    if spec.caption_prompt is not None and (task or bench_task) != CAPTION:
+        raise DataError(f"--caption-prompt is the instruction of --task {CAPTION}, not of --task {task or bench_task or 'vqa'}")
+    if task == CAPTION or bench_task == CAPTION:
+        _check_caption(spec)
     if spec.bench:
         bench = prepare_bench(spec.bench, spec.max_questions, log)
         if task is not None and task != bench.task:
@@ -101,8 +108,10 @@ def run_eval(spec: EvalSpec, log: Callable[[str], None] = _log) -> EvalOutcome:
     task = task or "vqa"
     if task == RETRIEVAL:
         return _run_retrieval(spec, bench, questions if bench else spec.captions, image_root, t0, created, log)
+    if task == CAPTION:
+        return _run_caption(spec, bench, questions if bench else spec.captions, image_root, t0, created, log)
     if task not in TASKS:
-        raise DataError(f"no task named {task!r}; the tasks are {sorted([*TASKS, RETRIEVAL])}")
+        raise DataError(f"no task named {task!r}; the tasks are {sorted([*TASKS, RETRIEVAL, CAPTION])}")
     return _run_scored(spec, bench, task, questions, answers, image_root, prompt, t0, created, log)
 
 
@@ -125,7 +134,7 @@ def _run_scored(spec: EvalSpec, bench, task: str, questions: str, answers: str, 
         preds_path = Path(spec.predictions)
     predictions = read_predictions(preds_path)
     evaluation = TASKS[task](questions, answers, predictions, predictions_name=str(preds_path))
-    result = evaluation.result if isinstance(evaluation, PopeEvaluation) else evaluation
+    result = vqa_result(evaluation)
     overall, per_category = _metrics(evaluation)
     skipped = predicted.skipped if predicted else 0
     skipped_file = str(predicted.errors_file) if predicted and predicted.errors_file else None
@@ -152,7 +161,7 @@ def _run_scored(spec: EvalSpec, bench, task: str, questions: str, answers: str, 
     table = _table(evaluation, results)
     written: list[Path] = []
     if out is not None:
-        written = _write_scored(out, spec, results, result, predictions, questions, answers, t0, log)
+        written = _write_scored(out, spec, results, evaluation, predictions, questions, answers, t0, log)
         plots = results["files"]["plots"]
         table += f"\nresults in {out}: {RESULTS}, {REPORT}, {', '.join(plots) or 'no plots'}"
     else:
@@ -160,10 +169,11 @@ def _run_scored(spec: EvalSpec, bench, task: str, questions: str, answers: str, 
     return EvalOutcome(results, table, result, out, written)
 
 
-def _write_scored(out: Path, spec: EvalSpec, results: dict[str, Any], result: VQAResult, predictions: Mapping,
+def _write_scored(out: Path, spec: EvalSpec, results: dict[str, Any], evaluation: Evaluation, predictions: Mapping,
                   questions: str, answers: str, t0: float, log: Callable[[str], None]) -> list[Path]:
     """The results folder's files (an earlier run's removed first, except the answers just
     written); `results` gets its "files" and "wall_time_s". The files written."""
+    result = vqa_result(evaluation)
     skipped = results["coverage"]["n_skipped"]
     out.mkdir(parents=True, exist_ok=True)
     for name in WRITTEN:  # an earlier run's (--overwrite), except the answers just written
@@ -174,7 +184,7 @@ def _write_scored(out: Path, spec: EvalSpec, results: dict[str, Any], result: VQ
     categories = {q.question_id: q.category for q in read_questions(questions)}
     atomic_write_jsonl(out / SCORES, [{"question_id": q, "category": categories.get(q) or UNCATEGORISED,
                                        "score": s, "answered": q in predictions} for q, s in result.scores.items()])
-    confusion = _confusion(result, read_answers(answers), predictions)
+    confusion = _confusion(result, read_answers(answers), predictions, _labeller(evaluation))
     plots = _plots(out, results, confusion, log)
     results["files"] = {"predictions": PREDICTIONS, "scores": SCORES, "report": REPORT, "plots": plots,
                         "skipped": errors_path(PREDICTIONS).name if skipped else None}
@@ -184,18 +194,28 @@ def _write_scored(out: Path, spec: EvalSpec, results: dict[str, Any], result: VQ
     return [out / n for n in (PREDICTIONS, SCORES, RESULTS, REPORT, *plots)]
 
 
-def _confusion(result: VQAResult, answers: Mapping, predictions: Mapping) -> tuple[list[str], list[str], list[str]]:
+def _labeller(evaluation: Evaluation) -> Callable[[str], str]:
+    """How an answer is labelled in the confusion plot: normalised (VQA), or the letter it names
+    (multiple choice: `choice.extract_letter`, which normalisation would garble: "A" is an article)."""
+    if isinstance(evaluation, ChoiceEvaluation):
+        letters = evaluation.letters
+        return lambda text: extract_letter(text, letters) or UNPARSEABLE
+    return vqa_normalize
+
+
+def _confusion(result: VQAResult, answers: Mapping, predictions: Mapping,
+               label: Callable[[str], str] = vqa_normalize) -> tuple[list[str], list[str], list[str]]:
     """(labels, reference per question, predicted per question) when the reference answers (the
-    first of each, normalised) are a closed vocabulary; else empty lists."""
-    refs = [vqa_normalize(answers[q][0]) for q in result.scores]
+    first of each, labelled by `label`) are a closed vocabulary; else empty lists."""
+    refs = [label(answers[q][0]) for q in result.scores]
     labels = sorted(set(refs))
     if not 2 <= len(labels) <= CLOSED_VOCABULARY:
         return [], [], []
     vocabulary = set(labels)
     predicted = []
     for q in result.scores:
-        p = vqa_normalize(predictions[q]) if q in predictions else MISSING
-        predicted.append(p if p in vocabulary or p == MISSING else OTHER)
+        p = label(predictions[q]) if q in predictions else MISSING
+        predicted.append(p if p in vocabulary or p in (MISSING, UNPARSEABLE) else OTHER)
     return labels, refs, predicted
 
 

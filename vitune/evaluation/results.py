@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitune.evaluation.answering import VQA_GENERATION
+from vitune.evaluation.answering import CAPTION_GENERATION, VQA_GENERATION
 from vitune.evaluation.intervals import Accuracy
 from vitune.evaluation.metrics import VQAResult, coverage_lines
 from vitune.evaluation.partial import partial_path
 from vitune.evaluation.pope import PopeResult
 from vitune.evaluation.predict import errors_path
-from vitune.evaluation.runner import PopeEvaluation, RetrievalEvaluation
+from vitune.evaluation.runner import ChoiceEvaluation, Evaluation, PopeEvaluation, RetrievalEvaluation, vqa_result
 from vitune.files import DataError, check_creatable
 from vitune.inference.generate import GenerationConfig
 
@@ -31,8 +31,11 @@ RESULTS_FORMAT = "vitune-eval-results"
 RESULTS_VERSION = 1
 PREDICTIONS, SCORES, RESULTS, REPORT = "predictions.jsonl", "scores.jsonl", "results.json", "report.md"
 PER_CATEGORY_PNG, CONFUSION_PNG = "per_category.png", "confusion.png"
-WRITTEN = (PREDICTIONS, SCORES, RESULTS, REPORT, PER_CATEGORY_PNG, CONFUSION_PNG, errors_path(PREDICTIONS).name)
-RESUMABLE = frozenset({partial_path(PREDICTIONS).name})  # what an interrupted run leaves: not "non-empty"
+CAPTION_QUESTIONS = "caption_questions.jsonl"  # a caption run's questions: one per image
+WRITTEN = (PREDICTIONS, SCORES, RESULTS, REPORT, PER_CATEGORY_PNG, CONFUSION_PNG, errors_path(PREDICTIONS).name,
+           CAPTION_QUESTIONS)
+# what an interrupted run leaves, which does not make the folder "non-empty"
+RESUMABLE = frozenset({partial_path(PREDICTIONS).name, CAPTION_QUESTIONS})
 
 
 def sha256(path: str | Path) -> str:
@@ -84,13 +87,15 @@ class EvalSpec:
     image_root: str | None = None
     model: str | None = None
     predictions: str | None = None
-    captions: str | None = None  # retrieval: a captions file ({"image", "caption"} rows) instead of a bench
+    captions: str | None = None  # retrieval, caption: a captions file ({"image", "caption"} rows) instead of a bench
     out: str | None = None  # the results folder (needed with a model)
     batch_size: int = 32
     precision: str = "fp32"
     on_bad_record: str = "error"
     overwrite: bool = False
     gen: GenerationConfig = VQA_GENERATION
+    caption_prompt: str | None = None  # caption: the instruction asked per image (None: the bench's, else the default)
+    caption_gen: GenerationConfig = CAPTION_GENERATION
     command: tuple[str, ...] = ()
     progress: bool = True
 
@@ -115,15 +120,21 @@ def _pope(p: PopeResult) -> dict[str, Any]:
             "unparseable_ratio": len(p.unparseable) / p.n if p.n else 0.0}
 
 
-def _metrics(evaluation: VQAResult | PopeEvaluation) -> tuple[dict, dict]:
-    """(overall metrics, per-category metrics), each with n, correct and the 95 % interval."""
-    result = evaluation.result if isinstance(evaluation, PopeEvaluation) else evaluation
+def _metrics(evaluation: Evaluation) -> tuple[dict, dict]:
+    """(overall metrics, per-category metrics), each with n, correct and the 95 % interval (POPE's
+    metrics added; multiple choice: the unparseable answers, counted and overall listed)."""
+    result = vqa_result(evaluation)
     overall = _accuracy(result.correct, result.n)
     per_category = {c: _accuracy(s.correct, s.n) for c, s in result.per_category.items()}
     if isinstance(evaluation, PopeEvaluation):
         overall.update(_pope(evaluation.overall))
         for c, p in evaluation.per_category.items():
             per_category.setdefault(c, _accuracy(p.tp + p.tn, p.n)).update(_pope(p))
+    if isinstance(evaluation, ChoiceEvaluation):
+        overall.update(n_unparseable=len(evaluation.unparseable), unparseable=list(evaluation.unparseable),
+                       letters=evaluation.letters)
+        for c, m in per_category.items():
+            m["n_unparseable"] = evaluation.unparseable_per_category.get(c, 0)
     return overall, per_category
 
 
@@ -154,8 +165,8 @@ def _model_record(model: str) -> dict[str, Any]:
             "weights_sha256": sha256(folder / "model.safetensors"), "config": config}
 
 
-def _decoding(spec: EvalSpec) -> dict[str, Any]:
-    g = spec.gen
+def _decoding(spec: EvalSpec, gen: GenerationConfig | None = None) -> dict[str, Any]:
+    g = gen or spec.gen
     return {"strategy": "greedy" if g.temperature == 0 else "sampling", "max_new_tokens": g.max_new_tokens,
             "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed, "stop_strings": list(g.stop_strings),
             "batch_size": spec.batch_size, "precision": spec.precision}

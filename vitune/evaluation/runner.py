@@ -1,8 +1,10 @@
-"""The evaluation tasks: scoring predictions (`TASKS`: "vqa", "pope") and retrieval.
+"""The evaluation tasks: scoring predictions (`TASKS`: "vqa", "pope", "choice") and retrieval.
 
 `eval_vqa` scores predictions against reference answers with the VQAv2 rule
 (`answers.vqa_accuracy`), overall and per category, with its coverage explicit; `eval_pope` adds
-the POPE yes/no metrics per sampling (the questions' category). The predictions themselves come
+the POPE yes/no metrics per sampling (the questions' category); `eval_choice` reads the option
+letter out of each answer (`choice.extract_letter`) and lists the unparseable ones. (Captions are
+scored by `caption_results`.) The predictions themselves come
 from `predict.run_predict`. `eval_retrieval` is the one task without predictions: Recall@K of a
 model's alignment head on a captions file (`read_captions`; its own section below).
 """
@@ -23,7 +25,8 @@ from vitune.checkpoints.model_folder import resolve_model_dir
 from vitune.data.processor import ImageTransform, _encode_text, load_image, pad_instructions
 from vitune.data.vqa_format import QuestionId, read_answers, read_questions
 from vitune.evaluation.answering import _batches
-from vitune.evaluation.metrics import VQAResult, id_type_mismatch, score_vqa
+from vitune.evaluation.choice import answer_letters, extract_letter
+from vitune.evaluation.metrics import UNCATEGORISED, VQAResult, id_type_mismatch, score_vqa
 from vitune.evaluation.pope import PopeResult, pope_metrics
 from vitune.evaluation.retrieval import DEFAULT_KS, RetrievalResult, recall_at_k
 from vitune.files import DataError, read_json_records
@@ -45,14 +48,15 @@ def _same_id_types(ids, questions: Mapping, name: str, questions_name: str) -> N
 
 
 def eval_vqa(questions_path: str, answers_path: str, predictions: Mapping[QuestionId, str],
-             predictions_name: str = "the predictions") -> VQAResult:
+             predictions_name: str = "the predictions",
+             scorer: Callable[[str, list[str]], float] | None = None) -> VQAResult:
     """Score the questions that have reference answers with the VQAv2 rule (`answers.vqa_accuracy`:
     its normalisation; 10 references: the leave-one-out mean, else a match with any of them); each
     question's score is in `VQAResult.scores`. Questions without a prediction count as
     wrong (`missing`); predictions for ids that are not questions are not scored (`extra`);
     questions without references and references without a question are counted, not scored.
     Ids of another type than the questions' ("0" for 0), or nothing to score or nothing
-    matching at all, raise a `DataError`."""
+    matching at all, raise a `DataError`. `scorer(prediction, references)` replaces the VQAv2 rule."""
     questions = {q.question_id: q for q in read_questions(questions_path)}
     answers = read_answers(answers_path)
     qname = f"the questions ({questions_path})"
@@ -67,7 +71,7 @@ def eval_vqa(questions_path: str, answers_path: str, predictions: Mapping[Questi
         raise DataError(f"none of the {len(predictions)} predictions in {predictions_name} is for a question of "
                         f"{questions_path} with a reference answer: nothing matches")
     categories = {qid: q.category for qid, q in questions.items() if q.category}
-    result = score_vqa(predictions, scored, categories or None)
+    result = score_vqa(predictions, scored, categories or None, scorer)
     extra = tuple(pid for pid in predictions if pid not in questions)
     return dataclasses.replace(result, n_extra=len(extra), extra=extra, n_no_reference=len(questions) - len(scored),
                                n_unused_answers=sum(1 for a in answers if a not in questions))
@@ -102,12 +106,54 @@ def eval_pope(questions_path: str, answers_path: str, predictions: Mapping[Quest
     return PopeEvaluation(result, overall, per_category)
 
 
-TASKS: dict[str, Callable[..., VQAResult | PopeEvaluation]] = {"vqa": eval_vqa, "pope": eval_pope}
+@dataclass(frozen=True)
+class ChoiceEvaluation:
+    """Multiple choice: `result` the accuracy (1 when `choice.extract_letter` reads the answer's
+    letter out of the prediction), `unparseable` the answered questions whose prediction names no
+    single option letter (counted wrong, and listed; and counted per category), `letters` the
+    letters read."""
+
+    result: VQAResult
+    unparseable: tuple[QuestionId, ...]
+    letters: str
+    unparseable_per_category: dict[str, int]
+
+
+def eval_choice(questions_path: str, answers_path: str, predictions: Mapping[QuestionId, str],
+                predictions_name: str = "the predictions") -> ChoiceEvaluation:
+    """`eval_vqa`'s checks and coverage, each answer key one option letter (`choice.answer_letters`),
+    a prediction right when the one letter it names (`choice.extract_letter`) is the key's."""
+    try:
+        letters = answer_letters(read_answers(answers_path))
+    except ValueError as e:
+        raise DataError(f"{answers_path}: not a multiple-choice answers file: {e}") from None
+
+    def scorer(prediction: str, refs: list[str]) -> float:
+        return float(extract_letter(prediction, letters) == refs[0].strip().upper())
+
+    result = eval_vqa(questions_path, answers_path, predictions, predictions_name, scorer)
+    unparseable = tuple(q for q in result.scores if q in predictions and extract_letter(predictions[q], letters) is None)
+    per_category: dict[str, int] = {}
+    if result.per_category:
+        categories = {q.question_id: q.category or UNCATEGORISED for q in read_questions(questions_path)}
+        for q in unparseable:
+            per_category[categories[q]] = per_category.get(categories[q], 0) + 1
+    return ChoiceEvaluation(result, unparseable, letters, per_category)
+
+
+Evaluation = VQAResult | PopeEvaluation | ChoiceEvaluation
+TASKS: dict[str, Callable[..., Evaluation]] = {"vqa": eval_vqa, "pope": eval_pope, "choice": eval_choice}
+
+
+def vqa_result(evaluation: Evaluation) -> VQAResult:
+    """The per-question accuracy every scored task has."""
+    return evaluation if isinstance(evaluation, VQAResult) else evaluation.result
 
 
 # -- retrieval --------------------------------------------------------------------------------------
 
 RETRIEVAL = "retrieval"
+CAPTION = "caption"  # scored by caption_results, not here
 
 
 @dataclass(frozen=True)
@@ -122,8 +168,9 @@ class RetrievalEvaluation:
 
 
 def read_captions(path: str | os.PathLike) -> list[tuple[str, str, str]]:
-    """(image, caption, where) per row of a captions file: JSONL (or a JSON list) of
-    {"image": path relative to the image root, "caption": text}; an image may have several rows."""
+    """(image, caption, where) per row of a captions file (retrieval's and captioning's input):
+    JSONL (or a JSON list) of {"image": path relative to the image root, "caption": text}; an image
+    may have several rows."""
     rows = read_json_records(path)
     if not rows:
         raise DataError(f"{path}: holds no captions")
