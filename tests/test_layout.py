@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"base", "data", "model", "checkpoints", "training"},
     "inference": {"base", "data", "model", "checkpoints", "inference"},
     "evaluation": {"base", "data", "model", "checkpoints", "inference", "evaluation"},
-    "app": {"base", "data", "model", "checkpoints", "training", "inference", "evaluation", "app"},
+    "serving": {"base", "data", "model", "checkpoints", "inference", "serving"},
+    "app": {"base", "data", "model", "checkpoints", "training", "inference", "evaluation", "serving", "app"},
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vitune.config import ConfigError, Range, apply_overrides, load_yaml
 from vitune.files import DataError
+from vitune.serving.cli_args import add_serve_parser
 from vitune.training.guard import Interrupted, TrainingError
 
 
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _use_parsers(sub)
     _model_parsers(sub)
+    add_serve_parser(sub)
     p = sub.add_parser("quickstart", help="generate shapes data, train `small`, evaluate, print the table")
     p.add_argument("--out", default="runs/quickstart"), p.add_argument("--n-train", type=at_least(1), default=4000)
     p.add_argument("--n-test", type=at_least(1), default=500), p.add_argument("--seed", type=at_least(0), default=0)
