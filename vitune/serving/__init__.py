@@ -8,6 +8,7 @@
     decoding.py    one request's tokens -> text, streamed          bridge.py   engine thread -> event loop
     responses.py   OpenAI response bodies and SSE chunks           metrics.py  Prometheus metrics
     embeddings.py  retrieval-head embeddings                       settings.py the server's limits
+    page.py        the web page at / (page.html)
 
 Needs the `serve` extra (fastapi, uvicorn, prometheus-client). The package imports only
 inference, data, model, checkpoints and the base modules.

@@ -6,6 +6,7 @@
                                 through the retrieval head; 400 where the model has none
     GET  /health                200 {"status": "ok"}; 503 while draining or if the engine stopped
     GET  /metrics               Prometheus text (metrics.py)
+    GET  /                      the web page (page.py): public; it asks for the API key itself
 
 With an API key (`ServeSettings.api_key`), /v1/* and /metrics need `Authorization: Bearer KEY`
 (401 otherwise); /health never does. Every error is an OpenAI-style body with a 4xx status
@@ -38,6 +39,7 @@ from vitune.serving.guard import Gate, Lifecycle
 from vitune.serving.images import load_image_url
 from vitune.serving.jobs import build_job
 from vitune.serving.metrics import Metrics, Observe
+from vitune.serving.page import page
 from vitune.serving.responses import DONE, Completion, Usage, embedding_list, error_event, model_list
 from vitune.serving.schema import ChatRequest, ImagePart, parse_chat, parse_embeddings, parse_json
 from vitune.serving.settings import ServeSettings
@@ -116,6 +118,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/")
+    async def index() -> Response:
+        body, headers = page()
+        return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
 
 def _error_handlers(app: FastAPI) -> None:
