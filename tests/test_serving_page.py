@@ -2,8 +2,9 @@
 Playwright through `executable_path` (Playwright's own browser downloads are never used). A live
 server with a tiny random model and an API key: the public page loads, asks for the key, the user
 types it, uploads an image through the file input, asks, and the answer streamed onto the page is
-the API's non-streamed answer to the same request (temperature 0 by default); a screenshot is
-taken; no request leaves the server's origin. Then a wrong key, an image dropped on the page,
+the API's non-streamed answer to the same request (temperature 0 by default); the page's
+screenshot holds, where the answer box is, exactly the pixels of the API's answer drawn in that box
+(and not those of the box with its text made transparent); no request leaves the server's origin. Then a wrong key, an image dropped on the page,
 multi-turn (the second request carries the first answer), Shift+Enter, "New chat", a pasted image
 removed and another attached, and an error body shown as readable text (the question given back).
 
@@ -190,6 +191,36 @@ def test_the_page_streams_the_answer_the_api_gives(session, live, tmp_path):
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 1  # not a blank page
         box = session.page.locator("#log .turn.assistant .text").bounding_box()  # the answer is in the picture
         assert box and box["width"] > 0 and box["height"] > 0 and box["y"] + box["height"] <= im.size[1]
+        page_pixels = im.convert("RGB")
+    answer = session.page.locator("#log .turn.assistant .text")
+    with Image.open(io.BytesIO(answer.screenshot())) as a:
+        shown_pixels = a.convert("RGB")
+    assert _found_in(page_pixels, shown_pixels, box), "the page's screenshot does not hold the answer box"
+    assert_pixels_show(answer, shown_pixels, expected)
+
+
+def _found_in(page: Image.Image, part: Image.Image, box: dict) -> bool:
+    """Whether `part` stands in `page` where `box` says, give or take a pixel of rounding."""
+    x, y = int(box["x"]), int(box["y"])
+    w, h = part.size
+    return any(page.crop((x + dx, y + dy, x + dx + w, y + dy + h)).tobytes() == part.tobytes()
+               for dx in (-1, 0, 1) for dy in (-1, 0, 1))
+
+
+def _rendered(locator, text: str, color: str = "") -> Image.Image:
+    """The element drawn with `text` as its content (set as text, never as HTML), in `color`
+    ("" the page's own)."""
+    locator.evaluate("(el, [t, c]) => { el.textContent = t; el.style.color = c; }", [text, color])
+    with Image.open(io.BytesIO(locator.screenshot())) as im:
+        return im.convert("RGB")
+
+
+def assert_pixels_show(locator, shown: Image.Image, expected: str) -> None:
+    """The screenshot's answer box holds exactly the pixels of `expected` drawn there, and not
+    those of the same box with its text invisible: the text is on the screen, not only in the DOM."""
+    assert _rendered(locator, expected).tobytes() == shown.tobytes(), "the screenshot does not show the answer"
+    assert _rendered(locator, expected, "transparent").tobytes() != shown.tobytes(), "the answer draws no pixels"
+    _rendered(locator, expected)  # as it was
 
 
 def test_multi_turn_new_chat_and_errors_shown_as_text(session, live):
