@@ -80,6 +80,8 @@ def cmd_train(args) -> None:
     result = train(cfg, per_stage, args.out, resume=args.resume, image_root=args.image_root,
                    stop_after=args.stop_after, overwrite=args.overwrite,
                    allow_outside_images=args.allow_outside_images, allow_config_change=args.allow_config_change)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 alone reports
+        return
     if result.stopped:
         print(f"stopped after {result.global_step} steps (--stop-after): no model saved yet; the training state is "
               f"in {result.state}\ncontinue with the same command and --resume")
@@ -99,13 +101,26 @@ def cmd_chat(args) -> None:
     from vitune.inference.chat_session import run_chat
     gen = _gen(args)  # bad values: an error before the model loads
     images = [load_image(p) for p in args.image]
-    run_chat(Assistant.load(args.model), images, gen, " ".join(args.question) or None)
+    run_chat(Assistant.load(args.model, quantize=_quant(args)), images, gen, " ".join(args.question) or None)
+
+
+def _quant(args):
+    """`--quantize 8|4` as a QuantConfig (None without it)."""
+    from vitune.model.quant import QuantConfig
+    return QuantConfig(bits=args.quantize) if args.quantize else None
+
+
+def cmd_quantize(args) -> None:
+    from vitune.checkpoints.quantized import quantize_folder
+    out = quantize_folder(args.model, args.out, bits=args.bits, group_size=args.group_size, overwrite=args.overwrite)
+    print(f"quantised model saved to {out}")
 
 
 def cmd_predict(args) -> None:
     from vitune.evaluation.predict import run_predict
     report = run_predict(args.model, args.questions, args.out, args.image_root, args.batch_size,
-                         precision=args.precision, on_bad_record=args.on_bad_record, overwrite=args.overwrite)
+                         precision=args.precision, on_bad_record=args.on_bad_record, overwrite=args.overwrite,
+                         quantize=_quant(args))
     print(report.summary())
 
 
@@ -148,6 +163,7 @@ def cmd_eval(args) -> None:
         answers=args.answers, image_root=args.image_root, model=args.model, predictions=args.predictions,
         captions=args.captions, out=args.out, batch_size=args.batch_size, precision=args.precision,
         on_bad_record=args.on_bad_record, overwrite=args.overwrite, caption_prompt=args.caption_prompt,
+        quantize=args.quantize,
         command=_eval_command(args)))
     print(outcome.table)
     r = outcome.result
@@ -160,9 +176,9 @@ def _eval_command(args) -> tuple[str, ...]:
     """The evaluation as one canonical command line (every option that applies, defaults included)."""
     argv = ["vitune", "eval"]
     for key in ("model", "predictions", "bench", "max_questions", "questions", "answers", "captions", "image_root",
-                "task", "caption_prompt", "out", "batch_size", "precision", "on_bad_record"):
+                "task", "caption_prompt", "out", "batch_size", "precision", "quantize", "on_bad_record"):
         value = getattr(args, key)
-        if value is not None and not (args.predictions and key in ("batch_size", "precision", "on_bad_record")):
+        if value is not None and not (args.predictions and key in ("batch_size", "precision", "quantize", "on_bad_record")):
             argv += [f"--{key.replace('_', '-')}", str(value)]
     return tuple(argv) + (("--overwrite",) if args.overwrite else ())
 
@@ -221,6 +237,13 @@ def _model_parsers(sub) -> None:
     p.add_argument("--format", choices=["hf"], required=True, help="hf: transformers' LLaVA + processor")
     p.add_argument("model"), p.add_argument("out"), _overwrite_arg(p)
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantisation of the LM's linear layers and head "
+                                        "(LoRA merged first): a model folder for CPU inference")
+    p.add_argument("model"), p.add_argument("out"), _overwrite_arg(p)
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                   help="--bits 4 only: inputs sharing one scale and zero (default 32)")
+    p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("convert", help="convert a packaged pretrained checkpoint once (cached)")
     p.add_argument("source", choices=["smollm2"]), p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_convert)
@@ -257,6 +280,7 @@ def _use_parsers(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--image", action="append", default=[], help="repeatable; none: a text-only chat")
     p.add_argument("question", nargs="*")
+    _quantize_arg(p)
     for q in [p]:
         q.add_argument("--max-new-tokens", type=positive_int, default=64)
         q.add_argument("--temperature", type=temperature, default=0.0)
@@ -305,6 +329,13 @@ def _use_parsers(sub) -> None:
 def _precision_arg(p) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: matmuls under bf16 autocast, faster on CPUs with bf16 units (default fp32)")
+    _quantize_arg(p)
+
+
+def _quantize_arg(p) -> None:
+    p.add_argument("--quantize", type=int, choices=[8, 4],
+                   help="quantise the LM's weights on load: int8 per channel or int4 in groups of 32 (weight-only; "
+                        "a folder from `vitune quantize` is used as stored)")
 
 
 def _data_parsers(sub) -> None:

@@ -43,6 +43,7 @@ from vitune.evaluation.results import (
     EvalSpec,
     _decoding,
     _model_record,
+    quant_config,
     sha256,
 )
 from vitune.evaluation.runner import CAPTION, read_captions
@@ -131,7 +132,7 @@ def _run_caption(spec: EvalSpec, bench, captions: str, image_root: str | None, t
         t = time.perf_counter()
         predicted = run_predict(spec.model, str(questions), str(out / PREDICTIONS), root, spec.batch_size,
                                 spec.progress, spec.precision, spec.on_bad_record, overwrite=True, gen=spec.caption_gen,
-                                log=log, prompt=QUESTION)
+                                log=log, prompt=QUESTION, quantize=quant_config(spec))
         predict_s = time.perf_counter() - t
         log(predicted.summary())
         preds_path = out / PREDICTIONS

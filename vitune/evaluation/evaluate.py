@@ -56,6 +56,7 @@ from vitune.evaluation.results import (
     _model_folder,
     _model_record,
     check_results_folder,
+    quant_config,
     sha256,
 )
 from vitune.evaluation.retrieval_results import _check_retrieval, _run_retrieval
@@ -126,7 +127,7 @@ def _run_scored(spec: EvalSpec, bench, task: str, questions: str, answers: str, 
         t = time.perf_counter()
         predicted = run_predict(spec.model, questions, str(out / PREDICTIONS), image_root, spec.batch_size,
                                 spec.progress, spec.precision, spec.on_bad_record, overwrite=True, gen=spec.gen,
-                                log=log, prompt=prompt)
+                                log=log, prompt=prompt, quantize=quant_config(spec))
         predict_s = time.perf_counter() - t
         log(predicted.summary())
         preds_path = out / PREDICTIONS

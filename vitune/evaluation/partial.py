@@ -26,13 +26,15 @@ def partial_path(out: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(out)}.partial")
 
 
-def partial_header(questions_path: str, folder: Path, prompt: str) -> dict:
+def partial_header(questions_path: str, folder: Path, prompt: str, quantize: str | None = None) -> dict:
     """The partial file's first line: what its answers are answers of."""
     weights = (folder / "model.safetensors").stat()
     header = {"format": PARTIAL_FORMAT, "questions": str(Path(questions_path).resolve()), "model": str(folder.resolve()),
               "weights": f"{weights.st_size}:{weights.st_mtime_ns}"}  # a model saved again since: not the same one
     if prompt != QUESTION:
         header["prompt"] = prompt
+    if quantize is not None:  # answers of the model quantised on load: another model's
+        header["quantize"] = quantize
     return header
 
 

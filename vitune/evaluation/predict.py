@@ -39,6 +39,7 @@ from vitune.evaluation.partial import append_answers, open_partial, partial_head
 from vitune.files import DataError, atomic_write_jsonl, check_creatable
 from vitune.inference.assistant import Assistant
 from vitune.inference.generate import GenerationConfig
+from vitune.model.quant import QuantConfig
 
 
 def errors_path(out: str | os.PathLike) -> Path:
@@ -91,10 +92,12 @@ def _log(msg: str) -> None:
 def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: str | None = None,
                 batch_size: int = 32, progress: bool = True, precision: str = "fp32", on_bad_record: str = "error",
                 overwrite: bool = False, gen: GenerationConfig = VQA_GENERATION,
-                log: Callable[[str], None] = _log, prompt: str = QUESTION) -> PredictReport:
+                log: Callable[[str], None] = _log, prompt: str = QUESTION,
+                quantize: QuantConfig | None = None) -> PredictReport:
     """Answer a questions file into a predictions file; see the module docstring for the checks,
     the partial file (resume) and the bad-question policies. `log` gets the resume notice.
-    `prompt` is the template each question's text is asked through (`render_prompt`)."""
+    `prompt` is the template each question's text is asked through (`render_prompt`); `quantize`:
+    the model's LM weights quantised on load (weight-only int8 / int4)."""
     _check_policy(on_bad_record)
     render_prompt(prompt, "")  # checks it
     _batches([], batch_size)  # checks it
@@ -106,7 +109,7 @@ def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: 
     if on_bad_record == "error":  # a missing image stops the run before the model loads
         _check_images(questions, root)
     partial = partial_path(out)
-    header = partial_header(questions_path, folder, prompt)
+    header = partial_header(questions_path, folder, prompt, quantize.name if quantize else None)
     kept = resume_partial(partial, header, questions, questions_path)
     done = kept or {}
     resumed = len(done)
@@ -115,7 +118,7 @@ def run_predict(model_dir: str, questions_path: str, out_path: str, image_root: 
     todo = [q for q in questions if q.question_id not in done]
     errors: list[dict] = []
     if todo:
-        assistant = Assistant.load(folder, precision=precision)
+        assistant = Assistant.load(folder, precision=precision, quantize=quantize)
         with open_partial(partial, header, fresh=kept is None) as f:
             try:
                 for answered, errs in predict_batches(assistant, todo, root, batch_size, gen, on_bad_record, progress):

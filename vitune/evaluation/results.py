@@ -26,6 +26,7 @@ from vitune.evaluation.predict import errors_path
 from vitune.evaluation.runner import ChoiceEvaluation, Evaluation, PopeEvaluation, RetrievalEvaluation, vqa_result
 from vitune.files import DataError, check_creatable
 from vitune.inference.generate import GenerationConfig
+from vitune.model.quant import QuantConfig
 
 RESULTS_FORMAT = "vitune-eval-results"
 RESULTS_VERSION = 1
@@ -96,6 +97,7 @@ class EvalSpec:
     gen: GenerationConfig = VQA_GENERATION
     caption_prompt: str | None = None  # caption: the instruction asked per image (None: the bench's, else the default)
     caption_gen: GenerationConfig = CAPTION_GENERATION
+    quantize: int | None = None  # 8 / 4: the LM's weights quantised on load (weight-only)
     command: tuple[str, ...] = ()
     progress: bool = True
 
@@ -165,8 +167,13 @@ def _model_record(model: str) -> dict[str, Any]:
             "weights_sha256": sha256(folder / "model.safetensors"), "config": config}
 
 
+def quant_config(spec: EvalSpec) -> QuantConfig | None:
+    return QuantConfig(bits=spec.quantize) if spec.quantize else None
+
+
 def _decoding(spec: EvalSpec, gen: GenerationConfig | None = None) -> dict[str, Any]:
     g = gen or spec.gen
     return {"strategy": "greedy" if g.temperature == 0 else "sampling", "max_new_tokens": g.max_new_tokens,
             "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed, "stop_strings": list(g.stop_strings),
-            "batch_size": spec.batch_size, "precision": spec.precision}
+            "batch_size": spec.batch_size, "precision": spec.precision,
+            "quantize": f"int{spec.quantize}" if spec.quantize else None}

@@ -52,6 +52,9 @@ def _check_retrieval(spec: EvalSpec) -> None:
         raise DataError(f"--task {RETRIEVAL} needs --bench shapes-retrieval or --captions FILE")
     if spec.precision != "fp32":
         raise DataError(f"--precision {spec.precision}: retrieval embeds in fp32 only")
+    if spec.quantize:
+        raise DataError(f"--quantize {spec.quantize}: retrieval embeds with the float model only (quantisation is "
+                        "for the LM's decoding)")
     if spec.on_bad_record != "error":
         raise DataError("--on-bad-record skip does not apply to retrieval: a skipped image would change the gallery "
                         "every caption is ranked against; fix or remove its rows")

@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from vitune.checkpoints.model_folder import load_pretrained
+from vitune.checkpoints.quantized import load_model
 from vitune.data.chat import Message, render, stop_token_id
 from vitune.data.packing import common_prefix_len
 from vitune.data.processor import ImageTransform, encode_instructions, pad_instructions
 from vitune.data.tokenizer import IMAGE_SLOT, Tokenizer
 from vitune.inference.generate import GenerationConfig, generate
+from vitune.model.quant import QuantConfig
 from vitune.model.vlm import VLM
 
 
@@ -71,8 +72,9 @@ class Assistant:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-             precision: str = "fp32") -> "Assistant":
-        return cls(*load_pretrained(path, device, dtype), precision=precision)
+             precision: str = "fp32", quantize: QuantConfig | None = None) -> "Assistant":
+        """Any model folder (a quantised one as stored); `quantize`: weight-only int8 / int4 on load."""
+        return cls(*load_model(path, device, dtype, quantize), precision=precision)
 
     def prompt_ids(self, req: Request, max_new_tokens: int) -> list[int]:
         r = render(self.tok, req.messages, self.template, self.model.n_image_tokens,

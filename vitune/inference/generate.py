@@ -106,9 +106,11 @@ def generate_steps(
             if gen.use_cache else None
         hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache, cross)
     B = len(prompts)
-    for _ in range(gen.max_new_tokens):
+    for step in range(gen.max_new_tokens):
         token = _pick(model.lm.logits(hidden[:, -1]), gen, rng).to(device)  # (B,)
         yield token
+        if step == gen.max_new_tokens - 1:
+            return  # no forward pass for a token nobody will read
         valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
         step_pos = positions[:, -1:] + 1
         new = model.lm.embed(token[:, None])  # (B, 1, D)
@@ -166,13 +168,14 @@ def generate(
 ) -> Generated:
     """Generate until every row hit a stop token, a stop string, or max_new_tokens.
 
-    `on_text` (batch of one only) receives text deltas as they are decoded: streaming.
+    `on_text` (batch of one only) receives text deltas as they are decoded: streaming. Each step
+    decodes only a row's newest tokens (`_RowText`), not its whole answer.
     """
     if on_text is not None and len(prompts) != 1:
         raise ValueError("streaming needs a batch of one prompt")
     out: list[list[int]] = [[] for _ in prompts]
-    texts, emitted = [""] * len(prompts), 0
-    done = [False] * len(prompts)
+    rows = [_RowText(decode) for _ in prompts]
+    emitted, done = 0, [False] * len(prompts)
     for token in generate_steps(model, prompts, pixel_values, gen, pad_id, shared_prefix, instructions):
         for i, t in enumerate(token.tolist()):
             if done[i]:
@@ -181,17 +184,54 @@ def generate(
                 done[i] = True
                 continue
             out[i].append(t)
-            texts[i] = decode(out[i])
-            hit = [texts[i].index(s) for s in gen.stop_strings if s in texts[i]]
-            if hit:
-                texts[i], done[i] = texts[i][: min(hit)], True
+            done[i] = rows[i].add(t, gen.stop_strings)
         if on_text is not None:
-            emitted = _stream(texts[0], emitted, gen.stop_strings, done[0], on_text)
+            emitted = _stream(rows[0].text, emitted, gen.stop_strings, done[0], on_text)
         if all(done):
             break
+    texts = [r.text if r.stopped else decode(ids) for r, ids in zip(rows, out)]  # one full decode per row
     if on_text is not None:
         _stream(texts[0], emitted, (), True, on_text)
     return Generated(out, texts)
+
+
+class _RowText:
+    """One row's text, decoded incrementally: `text == decode(tokens)` at every step.
+
+    The text of `tail` (the newest tokens) is decoded each step and committed to `done` once it
+    ends in a whole character (no trailing U+FFFD of a partial UTF-8 sequence). For a byte-level
+    decoder (every vitune tokenizer's) the decode of a token list is the concatenation of the
+    decodes of its parts cut at whole characters, so this is exact; `generate` still takes each
+    unstopped row's final text from one full decode. A stop string is looked for only where it can
+    newly appear: from `len(s) - 1` characters before the text that was final a step ago.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.done, self.tail, self.tail_text, self.stopped = decode, "", [], "", False
+
+    @property
+    def text(self) -> str:
+        return self.done + self.tail_text
+
+    def add(self, token: int, stops: tuple[str, ...]) -> bool:
+        """Append a token; True when a stop string appeared (the text is then cut before it)."""
+        seen = len(self.done)  # the text before `seen` is final and held no stop string
+        self.tail.append(token)
+        self.tail_text = self.decode(self.tail)
+        hit = self._first_stop(stops, seen)
+        if hit is not None:
+            self.done, self.tail, self.tail_text, self.stopped = self.text[:hit], [], "", True
+        elif not self.tail_text.endswith("\ufffd"):
+            self.done, self.tail, self.tail_text = self.done + self.tail_text, [], ""
+        return self.stopped
+
+    def _first_stop(self, stops: tuple[str, ...], seen: int) -> int | None:
+        if not stops:
+            return None
+        w0 = max(0, seen - max(len(s) for s in stops) + 1)
+        window = self.done[w0:] + self.tail_text  # (the text from w0)
+        hits = [w0 + j for s in stops if (j := window.find(s, max(0, seen - len(s) + 1) - w0)) >= 0]
+        return min(hits) if hits else None
 
 
 def _stream(text: str, emitted: int, stops: tuple[str, ...], final: bool, on_text: Callable[[str], None]) -> int:

@@ -138,6 +138,8 @@ class LM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(hidden)  # a replaced head: model/quant.py's weight-only quantised copy
         return F.linear(hidden, self.head_weight().to(hidden.dtype))
 
     def forward(
