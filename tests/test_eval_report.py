@@ -78,7 +78,8 @@ def test_the_results_folder_holds_every_file_and_they_parse(runs, capsys):
     assert len(r["model"]["weights_sha256"]) == 64 and r["model"]["config"]["model"]
     assert len(r["data"]["questions"]["sha256"]) == 64 and len(r["data"]["answers"]["sha256"]) == 64
     assert r["decoding"] == {"strategy": "greedy", "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0,
-                             "seed": 0, "stop_strings": [], "batch_size": 4, "precision": "fp32"}
+                             "seed": 0, "stop_strings": [], "batch_size": 4, "precision": "fp32",
+                             "quantize": None}
     assert r["command"].startswith("vitune eval --model ") and "--bench shapes" in r["command"]
     assert r["questions_per_s"] > 0 and r["wall_time_s"] > 0 and r["answered_this_run"] == 18
     m = r["metrics"]

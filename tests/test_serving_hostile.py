@@ -223,7 +223,7 @@ def test_metrics_count_the_refusals(live):
     assert 'endpoint="/v1/chat/completions",status="413"' in metrics
 
 
-@pytest.mark.parametrize("method, path, status", [("GET", "/", 404), ("POST", "/v1/completions", 404),
+@pytest.mark.parametrize("method, path, status", [("GET", "/index.php", 404), ("POST", "/v1/completions", 404),
                                                   ("GET", "/v1/chat/completions", 405)])
 def test_unknown_routes_and_methods_get_openai_style_errors(live, method, path, status):
     r = httpx.request(method, f"{live.url}{path}")
