@@ -242,6 +242,10 @@ class TrainConfig:
     save_every_minutes: float = 10.0
     on_bad_record: Literal["error", "skip"] = "error"
     group_by_length: bool = True            # batch rows of similar length: less padding
+    # Under torchrun (docs/distributed.md): "ddp" keeps a whole copy of the model in every process;
+    # "fsdp" shards parameters, gradients and optimizer state across them (FSDP2, per decoder block).
+    # Each stage's batch_size stays the global batch, split evenly across the processes.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass(frozen=True)
@@ -464,6 +468,8 @@ def validate(cfg: Config) -> Config:
         (len({s.name for s in cfg.train.stages}) == len(cfg.train.stages), "train.stages: stage names must be unique"),
         (not (v.pretrained and v.stats_from_data), "model.vision.stats_from_data must be false for a pretrained "
          "tower: its image statistics are part of what it was trained with"),
+        (cfg.train.distributed != "fsdp" or cfg.train.device != "mps",
+         "train.distributed=fsdp runs on cuda (nccl) or cpu (gloo), not train.device=mps"),
     ]
     checks += _fusion_checks(cfg)
     checks += _contrastive_checks(cfg)

@@ -45,6 +45,12 @@ def _stored(key: str, from_base: list[str]) -> bool:
     return key.split(".", 1)[0] not in from_base or is_lora_key(key)
 
 
+def stored_keys(model: VLM, config: Config | None) -> set[str]:
+    """The state-dict keys a folder stores (the others come from their pretrained sources)."""
+    from_base = untrained_base_parts(model, config)
+    return {k for k in model.state_dict() if _stored(k, from_base)}
+
+
 def stored_state(model: VLM, config: Config | None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(the tensors a folder stores, the parts it takes from their pretrained sources instead)."""
     from_base = untrained_base_parts(model, config)

@@ -70,6 +70,14 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         self.tk.save(str(Path(folder) / "tokenizer.json"))
 
+    def to_str(self) -> str:
+        """The tokenizer.json text (what `from_str` reads back)."""
+        return self.tk.to_str()
+
+    @classmethod
+    def from_str(cls, text: str) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(text))
+
     @classmethod
     def load(cls, folder: str | Path) -> "Tokenizer":
         path = Path(folder) / "tokenizer.json"

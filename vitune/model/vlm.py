@@ -15,6 +15,8 @@ one marker token per image, and blocks before the decoder layers that attend to 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -104,9 +106,16 @@ class VLM(nn.Module):
         """Retrieval embeddings of texts `(n, d)`, unit length."""
         return self._head().embed_text(ids, mask)
 
-    def contrastive_loss(self, pixel_values: torch.Tensor, texts: Instructions, groups: torch.Tensor | None) -> torch.Tensor:
-        """Symmetric InfoNCE of image i against text i, the batch's other pairs the negatives."""
-        return info_nce(self.embed_images(pixel_values), self.embed_texts(*texts), self._head().scale(), groups)
+    def contrastive_loss(self, pixel_values: torch.Tensor, texts: Instructions, groups: torch.Tensor | None,
+                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Symmetric InfoNCE of image i against text i, the batch's other pairs the negatives.
+        `gather(x)`: x's rows from every process of a distributed run, concatenated (those pairs are
+        negatives too, as in the one-process batch)."""
+        image, text = self.embed_images(pixel_values), self.embed_texts(*texts)
+        if gather is not None:
+            image, text = gather(image), gather(text)
+            groups = None if groups is None else gather(groups)
+        return info_nce(image, text, self._head().scale(), groups)
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                 instructions: Instructions | None = None,

@@ -65,7 +65,8 @@ class StopSignals:
         self._before.clear()
 
     def interrupted(self, message: str) -> Interrupted:
-        name, code = SIGNALS[self.received]
+        """Under torchrun, a process that got no signal itself stops with the others (SIGTERM's code)."""
+        name, code = SIGNALS.get(self.received, ("a stop signal to another process of the run", 143))
         return Interrupted(f"{name} received: {message}", code)
 
 

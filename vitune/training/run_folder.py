@@ -7,7 +7,7 @@
 - `data_fingerprints`: a SHA-256 of each stage's data files, saved with the state.
 - `check_resume`: the saved config and data against the new ones; every differing field is named.
   Fields that do not change what is computed (threads, logging, save intervals, device, the
-  bad-record policy) may differ; anything else needs `allow_change`.
+  bad-record policy, DDP or FSDP) may differ; anything else needs `allow_change`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vitune.files import recover_dir
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "state", "model", "tensorboard")
 HARMLESS = frozenset({"train.threads", "train.log_every", "train.save_every", "train.save_every_minutes",
-                      "train.device", "train.on_bad_record"})
+                      "train.device", "train.on_bad_record", "train.distributed"})
 
 
 def earlier_run(out: Path) -> list[str]:

@@ -10,6 +10,10 @@ The state is saved at each stage end, every `save_every` steps and every `save_e
 finite (which stops the run: the step is never applied). `resume=True` continues from the state,
 after checking the config and data are the saved run's (run_folder.py), and reproduces the
 uninterrupted run's losses and weights exactly.
+
+Under torchrun (distributed.py, docs/distributed.md) each process trains on its share of every batch
+(DDP, or FSDP2 with `train.distributed=fsdp`); process 0 alone logs and writes, and the state is saved
+with torch.distributed.checkpoint, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from vitune.checkpoints.model_folder import save_pretrained
@@ -51,6 +56,8 @@ from vitune.data.processor import Batch, ImageTransform, measure_stats
 from vitune.data.tokenizer import Tokenizer, byte_level, train_bpe
 from vitune.files import atomic_write_text
 from vitune.model.vlm import VLM
+from vitune.training import distributed
+from vitune.training.distributed import ALONE, World
 from vitune.training.guard import SaveClock, StopSignals, TrainingError
 from vitune.training.metrics_log import MetricsLog
 from vitune.training.run_folder import check_out, check_resume, clear_run, data_fingerprints
@@ -125,11 +132,15 @@ def build_optimizer(model: VLM, stage: StageConfig, tc: TrainConfig) -> torch.op
     return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(0.9, 0.95))
 
 
-def stage_loss(model: VLM, b: Batch, stage: StageConfig, n_targets: int,
-               n_micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+Gather = Callable[[torch.Tensor], torch.Tensor]  # rows of every process, concatenated (distributed.gather_rows)
+
+
+def stage_loss(model: VLM, b: Batch, stage: StageConfig, n_targets: int, n_parts: int,
+               gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lm_weight * LM loss (normalised over the accumulated batch's targets) + contrastive_weight *
-    InfoNCE over this micro-batch's pairs (averaged over the micro-batches); also the InfoNCE
-    term alone (its share of the step), or None. With both weights set the tower runs twice per
+    InfoNCE over this micro-batch's pairs (split in `n_parts` shares: micro-batches x processes; under
+    torchrun `gather` collects every process's pairs); also the InfoNCE term alone (its share of the
+    step), or None. With both weights set the tower runs twice per
     micro-batch (the alignment head reads it unconditioned); cheap for the small from-scratch
     towers this is used with, and a place to share features if a large tower ever needs it."""
     loss, nce = torch.zeros((), device=b.input_ids.device), None
@@ -139,9 +150,32 @@ def stage_loss(model: VLM, b: Batch, stage: StageConfig, n_targets: int,
         loss = loss + stage.lm_weight * lm
     if stage.contrastive_weight > 0:
         assert b.pairs is not None
-        nce = model.contrastive_loss(b.pixel_values[b.pairs.image], (b.pairs.ids, b.pairs.mask), b.pairs.group) / n_micro
+        nce = model.contrastive_loss(b.pixel_values[b.pairs.image], (b.pairs.ids, b.pairs.mask), b.pairs.group,
+                                     gather) / n_parts
         loss = loss + stage.contrastive_weight * nce
     return loss, nce
+
+
+class StageLoss(nn.Module):
+    """One micro-batch's loss as a module: DDP and FSDP act on a module's forward, so all of a step's
+    computation goes through this one. Under FSDP, when some process's rows hold images, every
+    process gives the trainable image parts a zero term, so that all reduce the same gradients (a
+    process whose rows hold none would otherwise have none for them)."""
+
+    def __init__(self, model: VLM, world: World = ALONE):
+        super().__init__()
+        self.model, self.world = model, world
+
+    def forward(self, b: Batch, stage: StageConfig, n_targets: int, n_parts: int,
+                images_anywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.world.size == 1:
+            return stage_loss(self.model, b, stage, n_targets, n_parts)
+        loss, nce = stage_loss(self.model, b, stage, n_targets, n_parts, distributed.gather_rows)
+        if images_anywhere and distributed.is_sharded(self):
+            groups = self.model.param_groups()
+            loss = loss + sum(0.0 * p.sum() for part in ("vision", "fusion", "connector")
+                              for p in groups[part] if p.requires_grad)
+        return loss, nce
 
 
 @dataclass
@@ -156,35 +190,38 @@ class StageRun:
     total: int
 
 
-def train_step(model: VLM, run: StageRun, step: int, cfg: Config, transform: ImageTransform,
-               pad_id: int, device: torch.device) -> tuple[float, float | None, int, int]:
+def train_step(net: nn.Module, run: StageRun, step: int, cfg: Config, transform: ImageTransform,
+               pad_id: int, device: torch.device, world: World = ALONE) -> tuple[float, float | None, int, int]:
     """One optimizer step over `grad_accum` micro-batches; returns (loss, its InfoNCE part or None,
-    tokens, samples)."""
+    tokens, samples). `net`: the StageLoss (under DDP, its wrapper). Under torchrun each process
+    takes its share of every micro-batch, the loss is normalised by the whole global batch's target
+    tokens, and the returned figures are the sums over the processes."""
     stage, tc = run.stage, cfg.train
     for g in run.optimizer.param_groups:
         g["lr"] = g["base_lr"] * lr_factor(step, run.total, stage)
-    micro = [make_batch(run.data, run.order.indices(step * stage.grad_accum + a), transform, pad_id)
+    micro = [make_batch(run.data, world.share(run.order.indices(step * stage.grad_accum + a)), transform, pad_id)
              for a in range(stage.grad_accum)]
-    n_targets = sum(b.n_targets for b in micro)
+    n_targets, *n_images = world.sum([sum(b.n_targets for b in micro), *(len(b.pixel_values) for b in micro)])
     total_loss, total_nce = 0.0, None
-    for b in micro:
-        b = b.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            loss, nce = stage_loss(model, b, stage, n_targets, len(micro))
-        loss.backward()
+    for a, b in enumerate(micro):
+        with distributed.grad_sync(net, a == len(micro) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                loss, nce = net(b.to(device), stage, int(n_targets), len(micro) * world.size, n_images[a] > 0)
+            world.scale(loss).backward()
         total_loss += loss.item()
         if nce is not None:
             total_nce = (total_nce or 0.0) + nce.item()
+    total_loss, nce_sum, tokens, samples = world.sum([total_loss, total_nce or 0.0,
+                                                      sum(int(b.input_ids.numel()) for b in micro),
+                                                      sum(b.input_ids.shape[0] for b in micro)])
     params = [p for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
-            else torch.nn.utils.get_total_norm([p.grad for p in params]))
-    if not (math.isfinite(total_loss) and math.isfinite(float(norm))):
+    norm = distributed.clip_grads(net, params, tc.grad_clip, world)
+    if not (math.isfinite(total_loss) and math.isfinite(norm)):
         run.optimizer.zero_grad(set_to_none=True)
-        raise NonFinite(f"loss {total_loss}, gradient norm {float(norm)}")
+        raise NonFinite(f"loss {total_loss}, gradient norm {norm}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b.input_ids.numel()) for b in micro)
-    return total_loss, total_nce, tokens, sum(b.input_ids.shape[0] for b in micro)
+    return total_loss, None if total_nce is None else nce_sum, int(tokens), int(samples)
 
 
 class NonFinite(ArithmeticError):
@@ -261,46 +298,65 @@ def train(cfg: Config, data: dict[str, str], out: str | Path, resume: bool = Fal
           progress: bool = True, overwrite: bool = False, allow_outside_images: bool = False,
           allow_config_change: bool = False) -> TrainResult:
     """Run every stage; returns where the model and state are. `stop_after` (global steps) stops
-    early with the state saved, as a kill would (without losing the step)."""
-    check_out(Path(out), resume, overwrite)
+    early with the state saved, as a kill would (without losing the step). Under torchrun every
+    process calls it (as `python -m vitune train` does) and all get the same result."""
+    world, device = distributed.join(pick_device(cfg.train.device))
     threads = torch.get_num_threads()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, data, Path(out), resume, image_root, stop_after, log, progress, allow_outside_images,
-                      allow_config_change)
+        distributed.check(cfg, world)
+        world.on_main(check_out, Path(out), resume, overwrite)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        clock = SaveClock(cfg.train.save_every, cfg.train.save_every_minutes)
+        ctx = RunContext(cfg, None, device, Path(out), None, clock, {}, world.quiet(log), progress and world.main,
+                         world)
+        return _train(ctx, data, resume, image_root, stop_after, allow_outside_images, allow_config_change)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
+        distributed.leave(world)
 
 
-def _train(cfg: Config, data: dict[str, str], out: Path, resume: bool, image_root: str | None,
-           stop_after: int | None, log: Log, progress: bool, allow_outside_images: bool,
-           allow_config_change: bool) -> TrainResult:
-    tc = cfg.train
-    device = pick_device(tc.device)
-    seed_everything(tc.seed)
+def _train(ctx: RunContext, data: dict[str, str], resume: bool, image_root: str | None, stop_after: int | None,
+           allow_outside_images: bool, allow_config_change: bool) -> TrainResult:
+    cfg, out, log, world = ctx.cfg, ctx.out, ctx.log, ctx.world
+    seed_everything(cfg.train.seed)
     prep = prepare_data(cfg, data, image_root, log, allow_outside_images)
-    cfg = with_image_stats(cfg, prep, log)
-    state_dir = out / "state"
-    start = _start(cfg, prep, out, resume, allow_config_change, log)
+    ctx.cfg = cfg = with_image_stats(cfg, prep, log)
+    ctx.fingerprints, state_dir = prep.fingerprints, out / "state"
+    start = world.on_main(_start, cfg, prep, out, resume, allow_config_change, log)
     resume, pos = start is not None, start or Position()
-    tok = Tokenizer.load(state_dir) if resume else build_tokenizer(cfg, conversation_texts([c for cs in prep.convs for c in cs]))
-    model = build_model(cfg, tok).to(device)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    metrics = MetricsLog(out, truncate_after=pos.global_step if resume else 0)
-    ctx = RunContext(cfg, tok, device, out, metrics, SaveClock(tc.save_every, tc.save_every_minutes),
-                     prep.fingerprints, log, progress)
+    ctx.tok = tok = Tokenizer.load(state_dir) if resume else _new_tokenizer(cfg, prep, world)
+    model = world.local_first(build_model, cfg, tok).to(device=ctx.device)
+    net = StageLoss(model, world)
+    distributed.shard(net, model, world, cfg)
+    ctx.metrics = world.main_only(_open_outputs, cfg, out, pos.global_step if resume else 0)
     try:
         with StopSignals() as stop:
-            pos = _run_stages(model, prep, pos, resume, stop_after, ctx, stop)
+            pos = _run_stages(net, prep, pos, resume, stop_after, ctx, stop)
     finally:
-        metrics.close()
+        if ctx.metrics is not None:
+            ctx.metrics.close()
     if stop_after is not None and pos.global_step >= stop_after and not _finished(pos, cfg):
         log(f"stopped after {pos.global_step} steps; continue with --resume")
         return TrainResult(None, state_dir, pos.global_step)
     if prep.bad.skipped:
         log(f"{prep.bad.skipped} bad record(s) skipped in total (see the messages above)")
-    return TrainResult(save_pretrained(model, tok, out / "model", cfg), state_dir, pos.global_step)
+    whole = distributed.full_model(model, world)  # FSDP: assembled from the shards, on process 0
+    world.main_only(save_pretrained, whole, tok, out / "model", cfg)
+    return TrainResult(out / "model", state_dir, pos.global_step)
+
+
+def _new_tokenizer(cfg: Config, prep: Prepared, world: World) -> Tokenizer:
+    """Built on process 0 and handed to the others (a trained BPE is then the same in all)."""
+    texts = conversation_texts([c for cs in prep.convs for c in cs])
+    if world.size == 1:
+        return build_tokenizer(cfg, texts)
+    return Tokenizer.from_str(world.on_main(lambda: build_tokenizer(cfg, texts).to_str()))
+
+
+def _open_outputs(cfg: Config, out: Path, truncate_after: int) -> MetricsLog:
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    return MetricsLog(out, truncate_after=truncate_after)
 
 
 def _finished(pos: Position, cfg: Config) -> bool:
@@ -309,26 +365,35 @@ def _finished(pos: Position, cfg: Config) -> bool:
 
 @dataclass
 class RunContext:
-    """What every stage of one run shares."""
+    """What every stage of one run shares (`tok` and `metrics` are set once made; `metrics` is None
+    but in process 0)."""
 
     cfg: Config
-    tok: Tokenizer
+    tok: Tokenizer | None
     device: torch.device
     out: Path
-    metrics: MetricsLog
+    metrics: MetricsLog | None
     clock: SaveClock
     fingerprints: dict[str, str]
     log: Log
     progress: bool
+    world: World = ALONE
 
     def save(self, model: VLM, optimizer: torch.optim.Optimizer, pos: Position) -> None:
+        """Under torchrun a collective (every process writes its shards)."""
+        assert self.tok is not None
         save_state(self.out / "state", model, optimizer, pos, self.tok, self.cfg, self.fingerprints)
         self.clock.saved()
 
+    def write(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
 
-def _run_stages(model: VLM, prep: Prepared, pos: Position, resume: bool, stop_after: int | None,
+
+def _run_stages(net: StageLoss, prep: Prepared, pos: Position, resume: bool, stop_after: int | None,
                 ctx: RunContext, stop: StopSignals) -> Position:
-    cfg, tc, tok, state_dir = ctx.cfg, ctx.cfg.train, ctx.tok, ctx.out / "state"
+    cfg, tc, tok, state_dir, model = ctx.cfg, ctx.cfg.train, ctx.tok, ctx.out / "state", net.model
+    assert tok is not None
     transform = ImageTransform.for_vision(cfg.model.vision)
     loaded = not resume
     for si, stage in enumerate(tc.stages):
@@ -344,9 +409,10 @@ def _run_stages(model: VLM, prep: Prepared, pos: Position, resume: bool, stop_af
             ts = pack_trainset(ts, cfg.model.lm.max_seq_len, tok.special.image)
             ctx.log(f"stage {stage.name!r}: {n_samples} samples packed into {len(ts)} rows (shared prefix)")
         order = BatchOrder([len(r[0]) for r in ts.rows], stage.batch_size, tc.seed + si, tc.group_by_length)
+        distributed.check_batch(si, stage, order.bs, ctx.world)
         run = StageRun(si, stage, ts, order, build_optimizer(model, stage, tc), stage_steps(stage, len(ts)))
         start = pos.step if si == pos.stage else 0
-        if stop.requested:
+        if ctx.world.any([stop.requested])[0]:
             raise stop.interrupted(f"stopped before stage {stage.name!r}; the state of the stages before it is in "
                                    f"{state_dir}: continue with the same command and --resume")
         if start >= run.total:
@@ -355,7 +421,8 @@ def _run_stages(model: VLM, prep: Prepared, pos: Position, resume: bool, stop_af
         if not loaded:
             load_state(state_dir, model, run.optimizer if start > 0 else None)
             loaded = True
-        pos = run_stage(model, run, start, pos.global_step, ctx, stop_after, stop)
+        with distributed.replicate(net, ctx.world, cfg) as step_net:
+            pos = run_stage(step_net, model, run, start, pos.global_step, ctx, stop_after, stop)
         if stop_after is not None and pos.global_step >= stop_after:
             return pos if pos.step < run.total else Position(si + 1, 0, pos.global_step)
         pos = Position(si + 1, 0, pos.global_step)
@@ -364,11 +431,13 @@ def _run_stages(model: VLM, prep: Prepared, pos: Position, resume: bool, stop_af
     return pos
 
 
-def run_stage(model: VLM, run: StageRun, start: int, global_step: int, ctx: RunContext,
+def run_stage(net: nn.Module, model: VLM, run: StageRun, start: int, global_step: int, ctx: RunContext,
               stop_after: int | None, stop: StopSignals) -> Position:
-    """Steps `start..total` of one stage. The state is saved when the clock says so, at the
-    stage end, at `stop_after`, when a signal asks to stop, and before a non-finite step."""
-    stage, cfg = run.stage, ctx.cfg
+    """Steps `start..total` of one stage (`net`: what a step calls, see train_step). The state is
+    saved when the clock says so, at the stage end, at `stop_after`, when a signal asks to stop (any
+    process's, under torchrun), and before a non-finite step."""
+    stage, cfg, tok = run.stage, ctx.cfg, ctx.tok
+    assert tok is not None
     ctx.log(f"stage {run.index + 1}/{len(cfg.train.stages)} {stage.name!r}: {len(run.data)} rows, "
             f"{run.total} steps, training {', '.join(stage.train)}")
     model.train()
@@ -378,7 +447,8 @@ def run_stage(model: VLM, run: StageRun, start: int, global_step: int, ctx: RunC
     t0, tok_count = time.perf_counter(), 0
     for step in range(start, run.total):
         try:
-            loss, nce, n_tok, n_samples = train_step(model, run, step, cfg, transform, ctx.tok.special.eos, ctx.device)
+            loss, nce, n_tok, n_samples = train_step(net, run, step, cfg, transform, tok.special.eos, ctx.device,
+                                                     ctx.world)
         except NonFinite as e:
             ctx.save(model, run.optimizer, pos)
             raise TrainingError(
@@ -388,15 +458,15 @@ def run_stage(model: VLM, run: StageRun, start: int, global_step: int, ctx: RunC
         tok_count += n_tok
         pos = Position(run.index, step + 1, pos.global_step + 1)
         dt = time.perf_counter() - t0
-        ctx.metrics.write({"stage": stage.name, "step": step + 1, "global_step": pos.global_step, "loss": loss,
-                           "contrastive_loss": nce, "lr": run.optimizer.param_groups[0]["lr"],
-                           "tokens_per_s": tok_count / dt})
+        ctx.write({"stage": stage.name, "step": step + 1, "global_step": pos.global_step, "loss": loss,
+                   "contrastive_loss": nce, "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_count / dt})
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_count / dt:.0f}")
         bar.update(1)
         stopping = stop_after is not None and pos.global_step >= stop_after
-        if stopping or stop.requested or step + 1 == run.total or ctx.clock.due(step + 1):
+        signalled, due = ctx.world.any([stop.requested, ctx.clock.due(step + 1)])
+        if stopping or signalled or step + 1 == run.total or due:
             ctx.save(model, run.optimizer, pos)
-        if stop.requested:
+        if signalled:
             bar.close()
             raise stop.interrupted(f"the state after global step {pos.global_step} is saved in {ctx.out / 'state'}; "
                                    "continue with the same command and --resume")
