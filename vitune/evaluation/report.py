@@ -22,17 +22,10 @@ def render_report(results: Mapping[str, Any]) -> str:
         return _render_retrieval_report(results)
     if results["task"] == CAPTION:
         return _render_caption_report(results)
-    bench, model, data = results["bench"], results["model"], results["data"]
+    bench, data = results["bench"], results["data"]
     title = bench["name"] if bench else Path(data["questions"]["path"]).name
     lines = [f"# Evaluation: {title}", ""]
-    if model:
-        lines.append(f"- **model**: `{model['path']}` (model.safetensors SHA-256 `{model['weights_sha256'][:16]}…`)")
-    else:
-        lines.append(f"- **predictions**: `{results['predictions']['source']}` (SHA-256 "
-                     f"`{results['predictions']['sha256'][:16]}…`)")
-    if bench:
-        params = ", ".join(f"{k}={v}" for k, v in bench["params"].items() if v is not None)
-        lines.append(f"- **bench**: {bench['name']} ({bench['description']}; {params})")
+    lines += [_source(results), *_bench_line(bench)]
     lines.append(f"- **questions**: `{data['questions']['path']}` ({data['questions']['n']} questions, SHA-256 "
                  f"`{data['questions']['sha256'][:16]}…`)")
     lines.append(f"- **answers**: `{data['answers']['path']}` (SHA-256 `{data['answers']['sha256'][:16]}…`)")
@@ -113,13 +106,17 @@ def _source(results: Mapping[str, Any]) -> str:
             f"`{results['predictions']['sha256'][:16]}…`)")
 
 
+def _bench_line(bench: Mapping[str, Any] | None) -> list[str]:
+    if not bench:
+        return []
+    params = ", ".join(f"{k}={v}" for k, v in bench["params"].items() if v is not None)
+    return [f"- **bench**: {bench['name']} ({bench['description']}; {params})"]
+
+
 def _render_caption_report(results: Mapping[str, Any]) -> str:
     bench, data, m = results["bench"], results["data"], results["metrics"]
     title = bench["name"] if bench else Path(data["captions"]["path"]).name
-    lines = [f"# Evaluation: {title}", "", _source(results)]
-    if bench:
-        params = ", ".join(f"{k}={v}" for k, v in bench["params"].items() if v is not None)
-        lines.append(f"- **bench**: {bench['name']} ({bench['description']}; {params})")
+    lines = [f"# Evaluation: {title}", "", _source(results), *_bench_line(bench)]
     lines.append(f"- **captions**: `{data['captions']['path']}` ({data['captions']['n']} reference captions of "
                  f"{data['n_images']} images, SHA-256 `{data['captions']['sha256'][:16]}…`)")
     lines.append(f"- **task**: caption; **prompt**: `{results['prompt']}`; **scorer**: {results['scorer']}")
