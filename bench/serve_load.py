@@ -8,12 +8,21 @@ chat requests one after another (an image and a question each, greedy, `max_toke
 loopback only, each level bounded by `--level-timeout` seconds (clients stop starting requests
 after it). Per level: p50/p95 latency (request start to `[DONE]`), p50/p95 time to first token
 (to the first chunk with content), generated tokens/s over the level (the servers' usage counts),
-errors. Both servers run as subprocesses with the same torch thread count; their answers are the
-same tokens (greedy, same weights), so they do the same work.
+errors, and the CPU seconds the server process and the load generator used meanwhile (a server
+that used much less CPU than `wall_s x threads` shared the machine with other jobs). The clients
+are coroutines on one thread of this process, each on a bare keep-alive connection
+(`Connection`), so the load takes little of the CPU the server is measured on. Both servers run
+as subprocesses with the same torch thread count; their answers are the same tokens (greedy, same
+weights), so they do the same work.
+
+By default all clients start at once; equal answers (a random model runs to `max_tokens`) then
+keep them in step, so every round's N prompts arrive together and wait for each other's prefill.
+`--stagger S` spreads the clients' starts over S seconds, as independent users arrive.
 
     python bench/serve_load.py                      # a tiny RANDOM model (measures the server only)
     python bench/serve_load.py --size base          # a larger random model: more compute per token
-    python bench/serve_load.py --model runs/smol-full/run/model --clients 1,8 --requests 4
+    python bench/serve_load.py --model runs/smol-easy-vqa/run/model --clients 1,8 --max-tokens 64 \
+        --question "question {i}: write a long story about this picture." --stagger 3 --no-baseline
 
 Prints a table and writes bench/results/DATE-serve-load.json (with the command). Goal (issue 10):
 with 8 clients, tokens/s >= 3x one client's, and p95 time to first token <= 2x one client's.
@@ -22,11 +31,14 @@ with 8 clients, tokens/s >= 3x one client's, and p95 time to first token <= 2x o
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,6 +47,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -43,6 +57,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+REQUEST_TIMEOUT_S = 120
 
 
 # -- the naive server: transformers' generate, one request at a time --------------------------------
@@ -174,74 +189,173 @@ def data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def one_request(http: httpx.Client, url: str, model: str, i: int, images: list[str], max_tokens: int) -> Sample:
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+@dataclass(frozen=True)
+class Load:
+    """What each client sends: `requests` chat requests one after another, request i asking
+    `question` (with `{i}` in it) about image i % 4; client c starts `c x stagger_s / clients`
+    seconds into its level (0: all at once)."""
+
+    requests: int = 4
+    max_tokens: int = 32
+    question: str = "question {i}: what is shown?"
+    stagger_s: float = 0.0
+    timeout_s: float = 120.0
+
+
+class Connection:
+    """One client's HTTP/1.1 keep-alive connection on loopback, as bare as the load needs: POST a
+    JSON body, read the response line by line (chunked transfer, as the servers stream). Much
+    lighter per streamed chunk than an HTTP library, so that on a small machine the load takes
+    little of the CPU the server is measured on."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)  # http://127.0.0.1:PORT/v1
+        self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict) -> tuple[int, AsyncIterator[bytes]]:
+        """Send the request; the status and the response body's lines (their line ends stripped)."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {self.prefix}{path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json"
+                          f"\r\ncontent-length: {len(data)}\r\n\r\n".encode() + data)
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, self._lines(headers)
+
+    async def _lines(self, headers: dict) -> AsyncIterator[bytes]:
+        pending = b""
+        async for piece in self._body(headers):
+            *lines, pending = (pending + piece).split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r")
+        if pending:
+            yield pending.rstrip(b"\r")
+        if headers.get("connection") == "close":
+            self.writer.close()
+
+    async def _body(self, headers: dict) -> AsyncIterator[bytes]:
+        if headers.get("transfer-encoding") == "chunked":
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                yield await self.reader.readexactly(size)
+                await self.reader.readexactly(2)
+            await self.reader.readexactly(2)  # the CRLF after the last (empty) chunk
+        else:
+            yield await self.reader.readexactly(int(headers.get("content-length", 0)))
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def one_request(http: Connection, model: str, i: int, images: list[str], load: Load) -> Sample:
+    body = {"model": model, "max_tokens": load.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[i % 4]}},
-                                                      {"type": "text", "text": f"question {i}: what is shown?"}]}]}
+                                                      {"type": "text", "text": load.question.format(i=i)}]}]}
     t0, ttft, tokens, done = time.monotonic(), None, 0, False
-    with http.stream("POST", f"{url}/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        status, lines = await http.post("/chat/completions", body)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {b''.join([x async for x in lines])[:200]!r}")
+        async for line in lines:
+            if not line.startswith(b"data: ") or done:
+                continue  # (read on to the end of the body: the connection is kept for the next request)
+            if line == b"data: [DONE]":
                 done = True
-                break
-            event = json.loads(line[6:])
-            if ttft is None and any(c.get("delta", {}).get("content") or c.get("finish_reason")
-                                    for c in event.get("choices", [])):
-                ttft = time.monotonic() - t0
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+                continue
+            if ttft is None or b'"usage"' in line:  # (parse only what is still to learn)
+                event = json.loads(line[6:])
+                if ttft is None and any(c.get("delta", {}).get("content") or c.get("finish_reason")
+                                        for c in event.get("choices", [])):
+                    ttft = time.monotonic() - t0
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
     if not done:
         raise RuntimeError("the stream ended without [DONE]")
     end = time.monotonic() - t0
     return Sample(end, end if ttft is None else ttft, tokens)
 
 
-def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int, timeout_s: float) -> Level:
-    level, lock = Level(clients), threading.Lock()
+async def run_level(url: str, model: str, clients: int, load: Load) -> Level:
+    """`clients` coroutines on one event loop (one thread: the load costs the machine little CPU),
+    each sending its requests one after another over its own connection."""
+    level = Level(clients)
     images = [data_url(s) for s in range(4)]
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + load.timeout_s
 
-    def client(c: int) -> None:
-        with httpx.Client(timeout=120) as http:
-            for k in range(per_client):
+    async def client(c: int) -> None:
+        await asyncio.sleep(c * load.stagger_s / clients)
+        http = Connection(url)
+        try:
+            for k in range(load.requests):
                 if time.monotonic() > deadline:
                     return
                 try:
-                    sample, err = one_request(http, url, model, c * per_client + k, images, max_tokens), ""
+                    sample, err = await one_request(http, model, c * load.requests + k, images, load), ""
                 except Exception as e:  # noqa: BLE001 - counted and reported
                     sample, err = None, f"{type(e).__name__}: {e}"
-                with lock:
-                    level.requests += 1
-                    if sample is None:
-                        level.errors += 1
-                        level.first_error = level.first_error or err
-                    else:
-                        level.samples.append(sample)
+                    await http.close()
+                    http = Connection(url)
+                level.requests += 1
+                if sample is None:
+                    level.errors += 1
+                    level.first_error = level.first_error or err
+                else:
+                    level.samples.append(sample)
+        finally:
+            await http.close()
     t0 = time.monotonic()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    await asyncio.gather(*(client(c) for c in range(clients)))
     level.wall_s = time.monotonic() - t0
     return level
 
 
-def measure(server: Server, model: str, args) -> list[dict]:
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) used so far by process `pid` (None: this one); None off Linux."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_level(server: "Server", model: str, clients: int, load: Load) -> dict:
+    """One level's summary, with the CPU seconds the server and this load generator used meanwhile
+    (a server that got much less than `wall_s x threads` was starved by other load)."""
+    server0, client0 = cpu_seconds(server.proc.pid), cpu_seconds()
+    level = asyncio.run(run_level(server.url, model, clients, load))
+    server1, client1 = cpu_seconds(server.proc.pid), cpu_seconds()
+    return {**level.summary(), "server_cpu_s": None if server0 is None else round(server1 - server0, 2),
+            "client_cpu_s": round(client1 - client0, 2)}
+
+
+async def warm_up(url: str, model: str) -> None:
+    http = Connection(url)
+    try:
+        await one_request(http, model, 0, [data_url(s) for s in range(4)], Load(max_tokens=4))
+    finally:
+        await http.close()
+
+
+def measure(server: Server, model: str, clients: list[int], load: Load) -> list[dict]:
     out = []
     with server:
-        with httpx.Client(timeout=120) as http:  # warm up
-            one_request(http, server.url, model, 0, [data_url(s) for s in range(4)], 4)
-        for n in args.clients:
-            s = run_level(server.url, model, n, args.requests, args.max_tokens, args.level_timeout).summary()
+        asyncio.run(warm_up(server.url, model))
+        for n in clients:
+            s = measured_level(server, model, n, load)
             print(f"  {server.name:>8} {n:>3} clients: {s['tokens_per_s']:8.1f} tok/s  latency p50 "
                   f"{s['latency_p50_s']:.3f} p95 {s['latency_p95_s']:.3f} s  ttft p50 {s['ttft_p50_s']:.3f} p95 "
-                  f"{s['ttft_p95_s']:.3f} s  {s['requests']} requests, {s['errors']} errors", flush=True)
+                  f"{s['ttft_p95_s']:.3f} s  {s['requests']} requests, {s['errors']} errors  cpu: server "
+                  f"{s['server_cpu_s']} s, load {s['client_cpu_s']} s", flush=True)
             out.append(s)
     return out
 
@@ -255,7 +369,6 @@ def random_model(folder: Path, size: str) -> Path:
     """A RANDOM model (weights spread so answers vary; byte tokenizer): measures the server, not a
     model. `tiny`: the tiny preset (an LM of 64 wide, 2 layers); `base`: an LM of 256 wide, 4 layers
     (LMConfig's defaults) behind a 64 px ViT of 64 image tokens: more compute per token."""
-    import dataclasses
 
     import torch
 
@@ -294,33 +407,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,2,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--requests", type=int, default=4, help="requests per client per level")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--question", default=Load.question, help="each request's text ({i}: the request's number); "
+                                                              "a question asking for a long answer loads decoding")
+    p.add_argument("--stagger", type=float, default=0.0, metavar="S",
+                   help="spread the clients' starts over S seconds (0: all at once, so equal answers keep them in "
+                        "step and every round's prompts arrive together)")
     p.add_argument("--level-timeout", type=float, default=120.0, help="seconds per level (then clients stop)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers one-at-a-time server")
+    p.add_argument("--note", default="", help="a remark kept in the JSON (e.g. whether other jobs shared the machine)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-serve-load.json"))
     p.add_argument("--naive-server", metavar="HF_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    load = Load(args.requests, args.max_tokens, args.question, args.stagger, args.level_timeout)
     if args.naive_server:
         run_naive_server(args.naive_server, args.threads)
         return 0
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else random_model(Path(tmp) / "random", args.size)
         label = str(args.model) if args.model else f"{args.size} RANDOM model (untrained; measures the server only)"
-        print(f"model: {label}; clients {args.clients} x {args.requests} requests, max_tokens {args.max_tokens}, "
+        print(f"model: {label}; clients {args.clients} x {load}, "
               f"{args.threads} torch thread(s) per server, {os.cpu_count()} CPUs", flush=True)
         vitune = Server("vitune", [sys.executable, "-m", "vitune.serving", "--model", str(model_dir), "--port", "0",
                                    "--model-name", "m", "--max-batch", str(max(args.clients)),
                                    "--threads", str(args.threads)])
-        results = {"vitune": measure(vitune, "m", args)}
+        results = {"vitune": measure(vitune, "m", args.clients, load)}
         if not args.no_baseline:
             from vitune.checkpoints.export_hf import export_hf
             hf_dir = export_hf(model_dir, Path(tmp) / "hf")
             naive = Server("naive", [sys.executable, __file__, "--naive-server", str(hf_dir),
                                      "--threads", str(args.threads)])
-            results["naive_transformers"] = measure(naive, "m", args)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "model": label,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "threads": args.threads},
-              "settings": {"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens},
+            results["naive_transformers"] = measure(naive, "m", args.clients, load)
+    report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "model": label,
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "threads": args.threads,
+                          "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+              "note": args.note,
+              "settings": {"clients": args.clients, **dataclasses.asdict(load)},
               "results": results, "goal_vitune": goal(results["vitune"])}
     print(json.dumps(report["goal_vitune"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

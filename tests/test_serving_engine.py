@@ -1,8 +1,11 @@
 """The serving engine (continuous batching) on tiny random models: requests admitted at different
-decode steps, with different prompt lengths and images, get the very token ids they get alone
-(`generate` on one prompt, what `Assistant.answer` runs) for every fusion kind; cancellation and
-errors free their slots; seeded sampling does not depend on the batch; streamed deltas add up
-to the answer; the slot cache writes each row at its own length."""
+decode steps, or arriving together and prefilled in one right-padded forward, with different
+prompt lengths and images, get the very token ids they get alone (`generate` on one prompt, what
+`Assistant.answer` runs) for every fusion kind; the prefill budget splits a burst into forwards
+with decode steps between them; cancellation and errors free their slots; seeded sampling does
+not depend on the batch; streamed deltas add up to the answer; the slot cache writes each row at
+its own length. Exact equality is the rule (no tolerance): these models and batches have shown no
+argmax tie that batched float rounding flips."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from serve_helpers import image, tiny_model
 
 from vitune.config import FusionConfig
 from vitune.data.chat import stop_token_id
+from vitune.data.packing import common_prefix_len
 from vitune.inference.assistant import Assistant, Request, user_turn
 from vitune.inference.generate import GenerationConfig, generate
 from vitune.serving.decoding import StrippedStream
@@ -60,7 +64,7 @@ def alone(bot: Assistant, req: Request, gen: GenerationConfig) -> list[int]:
     """The token ids `Assistant.answer` decodes for `req` alone (stop token excluded)."""
     j = job(bot, req, gen)
     stops = {stop_token_id(bot.tok, bot.template), bot.tok.special.eos}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bot.precision == "bf16"):
         return generate(bot.model, [j.prompt], j.pixel_values, gen, stops, bot.tok.decode, bot.tok.special.eos,
                         instructions=j.instructions).token_ids[0]
 
@@ -99,8 +103,12 @@ def run_staggered(engine: Engine, jobs: list[Job], admit_at: list[int]) -> tuple
                 i = pending.pop(0)
                 engine.submit(jobs[i], sinks[i])
 
+    observe = engine.stats.on_step
+
     def on_step(batch: int) -> None:
         sizes.append(batch)
+        if observe is not None:
+            observe(batch)
         admit(lambda at: at <= engine.stats.steps)
     engine.stats.on_step = on_step
     admit(lambda at: at == 0)
@@ -125,8 +133,10 @@ def test_staggered_batched_greedy_equals_one_by_one(tok, kind):
     gen = GenerationConfig(max_new_tokens=20)
     reqs = requests()
     want = [alone(bot, r, gen) for r in reqs]
-    got, sinks = run_staggered(Engine(bot, max_batch=3), [job(bot, r, gen) for r in reqs], [0, 0, 3, 5, 9])
+    engine = Engine(bot, max_batch=3)
+    got, sinks = run_staggered(engine, [job(bot, r, gen) for r in reqs], [0, 0, 3, 5, 9])
     assert [list(f.token_ids) for f in got] == want
+    assert engine.stats.prefix_reused > 0  # the later prompts copied the chat template's opening
     assert len({tuple(w) for w in want}) == len(want)  # the requests really differ
     if kind == "projector":
         assert [f.text for f in got] == [bot.answer(r, gen) for r in reqs]
@@ -134,6 +144,65 @@ def test_staggered_batched_greedy_equals_one_by_one(tok, kind):
         assert isinstance(s.events[0], Started) and s.streamed == f.text
         assert f.reason in ("stop", "length") and f.prompt_tokens > 0
         assert f.completion_tokens == len(f.token_ids) + (f.reason == "stop")
+
+
+@pytest.mark.parametrize("kind", ["projector", "xattn", "film"])
+def test_a_burst_is_prefilled_in_one_forward_as_alone(tok, kind):
+    bot = Assistant(tiny_model(tok, **fusion(tok, kind)), tok)
+    gen = GenerationConfig(max_new_tokens=12)
+    reqs = requests()
+    jobs = [job(bot, r, gen) for r in reqs]
+    assert len({len(j.prompt) for j in jobs}) == len(jobs)  # every row padded differently
+    engine = Engine(bot, max_batch=len(jobs))
+    got, _ = run_staggered(engine, jobs, [0] * len(jobs))
+    assert engine.stats.prefills == 1
+    assert [list(f.token_ids) for f in got] == [alone(bot, r, gen) for r in reqs]
+
+
+def test_the_prefill_budget_splits_a_burst_between_decode_steps(bot):
+    gen = GenerationConfig(max_new_tokens=12)
+    reqs = requests()
+    jobs = [job(bot, r, gen) for r in reqs]
+    want = [alone(bot, r, gen) for r in reqs]
+    longest = max(len(j.prompt) for j in jobs)
+    engine = Engine(bot, max_batch=len(jobs), prefill_tokens=2 * longest - 1)  # the longest prompt runs alone
+    got, _ = run_staggered(engine, jobs, [0] * len(jobs))
+    assert 1 < engine.stats.prefills < len(jobs)
+    assert [list(f.token_ids) for f in got] == want
+    one_by_one, sizes = Engine(bot, max_batch=len(jobs), prefill_tokens=1), []
+    one_by_one.stats.on_step = sizes.append
+    got, _ = run_staggered(one_by_one, jobs, [0] * len(jobs))
+    assert one_by_one.stats.prefills == len(jobs) and sizes[0] == 1  # a decode step after the first prefill
+    assert [list(f.token_ids) for f in got] == want
+
+
+def test_prompts_copy_the_kept_start_of_earlier_ones(bot):
+    gen = GenerationConfig(max_new_tokens=8)
+    text, pictured = requests()[1], requests()[0]
+    jobs = [job(bot, r, gen) for r in (text, text, pictured)]
+    image_at = jobs[2].prompt.index(bot.tok.special.image)
+    engine = Engine(bot, max_batch=2).start()
+    reused = []
+    try:
+        for j, r in zip(jobs, (text, text, pictured)):
+            sink = Collector()
+            engine.submit(j, sink)
+            assert list(sink.finished().token_ids) == alone(bot, r, gen)
+            reused.append(engine.stats.prefix_reused - sum(reused))
+    finally:
+        engine.stop()
+    # nothing kept yet; the same text prompt: all but its last token; then the opening before the image
+    assert reused == [0, len(jobs[1].prompt) - 1, common_prefix_len([jobs[0].prompt, jobs[2].prompt])]
+    assert 0 < reused[2] <= image_at
+
+
+def test_bf16_autocast_batches_as_alone(tok):
+    bot = Assistant(tiny_model(tok), tok, precision="bf16")
+    gen = GenerationConfig(max_new_tokens=12)
+    reqs = requests()[:3]
+    got, _ = run_staggered(Engine(bot, max_batch=3), [job(bot, r, gen) for r in reqs], [0, 0, 2])
+    assert all(f.reason in ("stop", "length") for f in got)
+    assert [list(f.token_ids) for f in got] == [alone(bot, r, gen) for r in reqs]
 
 
 def test_cancelling_frees_the_slot_for_the_next_request(bot):
@@ -158,14 +227,17 @@ def test_a_failing_request_does_not_stop_the_others(bot):
     gen = GenerationConfig(max_new_tokens=4)
     good = job(bot, Request([image(0)], [user_turn("q", 1)]), gen)
     bad = dataclasses.replace(good, pixel_values=None)  # image tokens but no image: prepare refuses it
-    engine = Engine(bot, max_batch=2).start()
+    engine = Engine(bot, max_batch=3)
+    sinks = [Collector(), Collector(), Collector()]
+    for j, sink in zip([good, bad, good], sinks):  # submitted before the start: one prefill
+        engine.submit(j, sink)
+    engine.start()
     try:
-        sinks = [Collector(), Collector()]
-        engine.submit(bad, sinks[0])
-        engine.submit(good, sinks[1])
-        failed = sinks[0].finished()
-        assert failed.reason == "error" and failed.error
-        assert sinks[1].finished().reason in ("stop", "length")
+        failed = sinks[1].finished()
+        assert failed.reason == "error" and "image" in failed.error
+        assert [sinks[i].finished().token_ids for i in (0, 2)] == [tuple(alone(bot, Request([image(0)],
+                                                                   [user_turn("q", 1)]), gen))] * 2
+        assert engine.stats.prefills == 1
     finally:
         engine.stop()
 
@@ -224,13 +296,15 @@ def test_slot_cache_writes_each_row_at_its_own_length(tok):
     assert cache.k[0][3, 0, 1, 0] == 10 and cache.k[0][1, 0, 3, 0] == 11
     cache.length += 1
     assert cache.lengths == [0, 4, 0, 2]
+    cache.prefilled([3, 1], [1, 2])
+    assert cache.lengths == [0, 2, 0, 1]
     mask = decode_mask([2, 4], torch.device("cpu"))
     assert mask.shape == (2, 1, 1, 5) and mask[0, 0, 0].tolist() == [True, True, True, False, False]
     with pytest.raises(ValueError, match="distinct slots"):
         cache.select([1, 1])
     cache.select([1])
     with pytest.raises(ValueError, match="KV cache full"):
-        cache.update(0, torch.zeros(1, cfg.kv_heads, 5, hd), torch.zeros(1, cfg.kv_heads, 5, hd))
+        cache.update(0, torch.zeros(1, cfg.kv_heads, 7, hd), torch.zeros(1, cfg.kv_heads, 7, hd))  # 2 + 7 > 8
 
 
 def test_engine_stop_cancels_what_is_left(bot):

@@ -1,8 +1,9 @@
 """Running the app under uvicorn: the socket, HTTP limits, and a graceful drain on SIGTERM.
 
 - The socket is bound before uvicorn starts (`--port 0` picks a free port; the line printed says
-  which), HTTP/1.1 via h11, headers capped at `MAX_HEADER_BYTES`, idle keep-alive connections
-  closed after `KEEP_ALIVE_S`, at most `max_queue + max_batch + SPARE_CONNECTIONS` concurrent
+  which), its connections without Nagle's algorithm (streamed chunks leave at once), HTTP/1.1
+  via h11, headers capped at `MAX_HEADER_BYTES`, idle keep-alive connections closed after
+  `KEEP_ALIVE_S`, at most `max_queue + max_batch + SPARE_CONNECTIONS` concurrent
   connections (more get 503 from uvicorn). The body limit and the body read timeout are the
   app's own (guard.py), so they hold under any ASGI server.
 - SIGTERM (or the first Ctrl-C): the server keeps listening but answers new requests 503
@@ -31,8 +32,11 @@ SPARE_CONNECTIONS = 16
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Its protocol is named (`IPPROTO_TCP`, not 0) because asyncio turns
+    Nagle's algorithm off (TCP_NODELAY) only on connections of such sockets: with it on, a stream's
+    small writes wait for the client's delayed ACK (about 40 ms each) on keep-alive connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(512)

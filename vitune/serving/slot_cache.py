@@ -4,10 +4,16 @@
 forward ends with `cache.length += T`. Before a forward the engine `select`s the slots its batch
 rows are (in row order); `update` writes each row's new keys at that slot's own length and hands
 back the keys of positions `0 .. max(length) + T` of the selected slots. Slots shorter than the
-longest hold stale keys past their length: the engine's attention mask (`decode_mask`) hides them.
+longest hold stale keys past their length: the attention mask (`slot_mask`) hides them.
 
 A slot's tokens start at position 0 (no left padding), so a token's RoPE position equals the
-number of tokens before it in its slot: `positions = lengths` for a decoding step.
+number of tokens before it in its slot: `positions = lengths + 0 .. T-1` for T new tokens (one
+for a decoding step). A prefill of several prompts is right-padded to the longest: `prefilled`
+then sets each slot's length to its own prompt's (the padding's keys stay behind it, stale).
+
+`SharedPrefix` keeps the keys/values of the text a prompt starts with (its chat template's
+opening, a system prompt), so that prompts starting the same way copy them into their slot
+instead of computing them again.
 
     k[layer], v[layer]: (n_slots, H_kv, T_max, hd);  lengths: (n_slots,) tokens filled
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from vitune.config import LMConfig
+from vitune.data.packing import common_prefix_len
 from vitune.model.cross_attention import CrossContext
 
 
@@ -41,9 +48,10 @@ class SlotCache:
             raise ValueError(f"select needs distinct slots in 0..{self.n_slots - 1}, got {rows}")
         self.rows = list(rows)
 
-    def reset(self, slot: int) -> None:
-        """Free `slot` for a new request (its stale keys stay; length 0 hides them)."""
-        self.lengths[slot] = 0
+    def prefilled(self, slots: list[int], lengths: list[int]) -> None:
+        """After a right-padded prefill into `slots`: each holds `lengths[i]` tokens, not the padding."""
+        for slot, n in zip(slots, lengths):
+            self.lengths[slot] = n
 
     @property
     def length(self) -> int:
@@ -72,11 +80,11 @@ class SlotCache:
         end = max(starts) + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
-        if T == 1:
+        if T == 1:  # (under bf16 autocast k, v come as bf16: stored in the cache's dtype, as slices cast)
             rows = torch.tensor(self.rows, device=self.device)
             cols = torch.tensor(starts, device=self.device)
-            self.k[layer][rows, :, cols] = k[:, :, 0]
-            self.v[layer][rows, :, cols] = v[:, :, 0]
+            self.k[layer][rows, :, cols] = k[:, :, 0].to(self.k[layer].dtype)
+            self.v[layer][rows, :, cols] = v[:, :, 0].to(self.v[layer].dtype)
         else:
             for i, (r, s) in enumerate(zip(self.rows, starts)):
                 self.k[layer][r, :, s:s + T] = k[i]
@@ -85,12 +93,52 @@ class SlotCache:
         return self.k[layer][index, :, :end], self.v[layer][index, :, :end]
 
 
+def slot_mask(starts: list[int], T: int, device: torch.device) -> torch.Tensor:
+    """`(B, 1, T, S)` bool for T new tokens per row written from its slot's length `starts[i]`:
+    the row's query j (position `starts[i] + j`) sees the slot's positions up to its own, none of
+    the stale ones past them; S = max(starts) + T. Right padding: a pad query sees the row's real
+    tokens and earlier pads (never nothing), and no real query sees a pad."""
+    first = torch.tensor(starts, device=device)
+    queries = first[:, None] + torch.arange(T, device=device)[None, :]  # (B, T) positions
+    keys = torch.arange(int(first.max()) + T, device=device)
+    return (keys[None, None, :] <= queries[:, :, None])[:, None]
+
+
 def decode_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """`(B, 1, 1, S)` bool for one new token per row written at its slot's length: each row sees
-    its own positions `0 .. length` and none of the stale ones past it; S = max(length) + 1."""
-    lens = torch.tensor(lengths, device=device)
-    keys = torch.arange(int(lens.max()) + 1, device=device)
-    return (keys[None, :] <= lens[:, None])[:, None, None, :]
+    """`slot_mask` for one new token per row, written at its slot's length: `(B, 1, 1, S)`."""
+    return slot_mask(lengths, 1, device)
+
+
+class SharedPrefix:
+    """The keys/values of the start of the last prompt kept: its tokens before its first image
+    (all but its last if it has none). Positions before any image do not depend on the images,
+    for every fusion kind (causal attention; a cross-attention marker is an image token), so a
+    prompt that starts the same way may copy them instead of computing them."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def match(self, prompt: list[int]) -> int:
+        """How many first tokens of `prompt` are kept (never all: its last is computed)."""
+        return min(common_prefix_len([self.ids, prompt]), len(prompt) - 1)
+
+    def load(self, cache: SlotCache, slot: int, n: int) -> None:
+        """Put the first `n` kept positions in `slot`, which then holds `n` tokens."""
+        for layer in range(len(self.k) if n else 0):
+            cache.k[layer][slot, :, :n] = self.k[layer][:, :n]
+            cache.v[layer][slot, :, :n] = self.v[layer][:, :n]
+        cache.lengths[slot] = n
+
+    def keep(self, cache: SlotCache, slot: int, prompt: list[int], image_id: int) -> None:
+        """Keep the start of `prompt`, just prefilled into `slot`, unless it is kept already."""
+        n = prompt.index(image_id) if image_id in prompt else len(prompt) - 1
+        if prompt[:n] == self.ids[:n] and n <= len(self.ids):
+            return
+        self.ids = prompt[:n]
+        self.k = [k[slot, :, :n].clone() for k in cache.k]
+        self.v = [v[slot, :, :n].clone() for v in cache.v]
 
 
 def merge_cross(contexts: list[CrossContext]) -> CrossContext:
