@@ -42,17 +42,14 @@ from vitune.checkpoints.training_state import (
 )
 from vitune.config import Config, ConfigError, StageConfig, TrainConfig, dump_yaml
 from vitune.data.dataset import (
-    BadRecords,
     BatchOrder,
     TrainSet,
     conversation_texts,
     encode_trainset,
-    load_conversations,
     make_batch,
-    mix_in,
     pack_trainset,
 )
-from vitune.data.processor import Batch, ImageTransform, measure_stats
+from vitune.data.processor import Batch, ImageTransform
 from vitune.data.tokenizer import Tokenizer, byte_level, train_bpe
 from vitune.files import atomic_write_text
 from vitune.model.vlm import VLM
@@ -60,7 +57,8 @@ from vitune.training import distributed
 from vitune.training.distributed import ALONE, World
 from vitune.training.guard import SaveClock, StopSignals, TrainingError
 from vitune.training.metrics_log import MetricsLog
-from vitune.training.run_folder import check_out, check_resume, clear_run, data_fingerprints
+from vitune.training.run_folder import check_out, check_resume, clear_run
+from vitune.training.stage_data import Prepared, prepare_data, with_image_stats
 
 Log = Callable[[str], None]
 
@@ -226,40 +224,6 @@ def train_step(net: nn.Module, run: StageRun, step: int, cfg: Config, transform:
 
 class NonFinite(ArithmeticError):
     """A step's loss or gradient is NaN or infinite (the step was not applied)."""
-
-
-@dataclass
-class Prepared:
-    convs: list[list]
-    bad: BadRecords
-    files: dict[str, str]           # stage name -> its data file
-    fingerprints: dict[str, str]
-
-
-def prepare_data(cfg: Config, data: dict[str, str], image_root: str | None, log: Log,
-                 allow_outside: bool = False) -> Prepared:
-    bad = BadRecords(cfg.train.on_bad_record, log)
-    convs, files = [], {}
-    for s in cfg.train.stages:
-        path = data.get(s.name) or s.data
-        if not path:
-            raise ConfigError(f"stage {s.name!r} has no data: pass --data {s.name}=FILE or set train.stages.N.data")
-        files[s.name] = path
-        extra = [c for p in s.mix_data for c in load_conversations(p, None, bad, allow_outside_root=allow_outside)]
-        convs.append(mix_in(load_conversations(path, image_root, bad, allow_outside_root=allow_outside), extra,
-                            s.mix_fraction))
-    return Prepared(convs, bad, files, data_fingerprints(cfg, files))
-
-
-def with_image_stats(cfg: Config, prep: Prepared, log: Log) -> Config:
-    """Fill image_mean/std from the training images when the vision config asks for it."""
-    v = cfg.model.vision
-    if not v.stats_from_data:
-        return cfg
-    paths = [p for convs in prep.convs for c in convs for p in c.images]
-    mean, std = measure_stats(paths, v.image_size)
-    log(f"image statistics from the training data: mean {mean}, std {std}")
-    return replace(cfg, model=replace(cfg.model, vision=replace(v, image_mean=mean, image_std=std)))
 
 
 @dataclass(frozen=True)
