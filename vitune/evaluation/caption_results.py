@@ -29,7 +29,7 @@ from vitune.data.vqa_format import read_predictions, write_predictions
 from vitune.evaluation.answering import QUESTION
 from vitune.evaluation.captions import CaptionMetricsUnavailable, CaptionResult, CaptionScorer
 from vitune.evaluation.partial import partial_path
-from vitune.evaluation.predict import errors_path, run_predict
+from vitune.evaluation.predict import errors_path
 from vitune.evaluation.report import render_report
 from vitune.evaluation.results import (
     CAPTION_QUESTIONS,
@@ -43,7 +43,7 @@ from vitune.evaluation.results import (
     EvalSpec,
     _decoding,
     _model_record,
-    quant_config,
+    predict_into,
     sha256,
 )
 from vitune.evaluation.runner import CAPTION, read_captions
@@ -129,12 +129,7 @@ def _run_caption(spec: EvalSpec, bench, captions: str, image_root: str | None, t
         assert out is not None
         questions = _questions_file(out, refs, prompt)
         root = image_root or str(Path(captions).parent)
-        t = time.perf_counter()
-        predicted = run_predict(spec.model, str(questions), str(out / PREDICTIONS), root, spec.batch_size,
-                                spec.progress, spec.precision, spec.on_bad_record, overwrite=True, gen=spec.caption_gen,
-                                log=log, prompt=QUESTION, quantize=quant_config(spec))
-        predict_s = time.perf_counter() - t
-        log(predicted.summary())
+        predicted, predict_s = predict_into(spec, str(questions), out, root, spec.caption_gen, QUESTION, log)
         preds_path = out / PREDICTIONS
     else:
         preds_path = Path(spec.predictions)

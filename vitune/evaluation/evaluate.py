@@ -36,7 +36,7 @@ from vitune.evaluation.caption_results import _check_caption, _run_caption
 from vitune.evaluation.choice import extract_letter
 from vitune.evaluation.intervals import Accuracy
 from vitune.evaluation.metrics import UNCATEGORISED, VQAResult
-from vitune.evaluation.predict import errors_path, run_predict
+from vitune.evaluation.predict import errors_path
 from vitune.evaluation.report import render_report
 from vitune.evaluation.results import (
     CONFUSION_PNG,
@@ -56,7 +56,7 @@ from vitune.evaluation.results import (
     _model_folder,
     _model_record,
     check_results_folder,
-    quant_config,
+    predict_into,
     sha256,
 )
 from vitune.evaluation.retrieval_results import _check_retrieval, _run_retrieval
@@ -124,12 +124,7 @@ def _run_scored(spec: EvalSpec, bench, task: str, questions: str, answers: str, 
     predicted = None
     predict_s = 0.0
     if spec.model:
-        t = time.perf_counter()
-        predicted = run_predict(spec.model, questions, str(out / PREDICTIONS), image_root, spec.batch_size,
-                                spec.progress, spec.precision, spec.on_bad_record, overwrite=True, gen=spec.gen,
-                                log=log, prompt=prompt, quantize=quant_config(spec))
-        predict_s = time.perf_counter() - t
-        log(predicted.summary())
+        predicted, predict_s = predict_into(spec, questions, out, image_root, spec.gen, prompt, log)
         preds_path = out / PREDICTIONS
     else:
         preds_path = Path(spec.predictions)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from vitune.evaluation.intervals import Accuracy
 from vitune.evaluation.metrics import VQAResult, coverage_lines
 from vitune.evaluation.partial import partial_path
 from vitune.evaluation.pope import PopeResult
-from vitune.evaluation.predict import errors_path
+from vitune.evaluation.predict import PredictReport, errors_path, run_predict
 from vitune.evaluation.runner import ChoiceEvaluation, Evaluation, PopeEvaluation, RetrievalEvaluation, vqa_result
 from vitune.files import DataError, check_creatable
 from vitune.inference.generate import GenerationConfig
@@ -169,6 +170,18 @@ def _model_record(model: str) -> dict[str, Any]:
 
 def quant_config(spec: EvalSpec) -> QuantConfig | None:
     return QuantConfig(bits=spec.quantize) if spec.quantize else None
+
+
+def predict_into(spec: EvalSpec, questions: str, out: Path, image_root: str | None, gen: GenerationConfig,
+                 prompt: str, log: Callable[[str], None]) -> tuple[PredictReport, float]:
+    """The model's answers to `questions` into out/predictions.jsonl (resuming a partial one), and
+    the seconds it took."""
+    t = time.perf_counter()
+    report = run_predict(spec.model, questions, str(out / PREDICTIONS), image_root, spec.batch_size, spec.progress,
+                         spec.precision, spec.on_bad_record, overwrite=True, gen=gen, log=log, prompt=prompt,
+                         quantize=quant_config(spec))
+    log(report.summary())
+    return report, time.perf_counter() - t
 
 
 def _decoding(spec: EvalSpec, gen: GenerationConfig | None = None) -> dict[str, Any]:
