@@ -97,11 +97,63 @@ def test_non_finite_weights_are_refused():
         QuantLinear.from_weight(w, None, QuantConfig(8), "proj")
 
 
-def test_unmerged_lora_is_refused_naming_the_layer(tok):
+def on_int4_grid(model: VLM, cfg: QuantConfig) -> VLM:
+    """The LM's linear weights replaced by their int4 round trip: a base that is 4-bit already, as the
+    packaged SmolLM2 (Q4_1, groups of 32) is."""
+    from vitune.model.lora import LoRALinear
+    with torch.no_grad():
+        for module in model.lm.modules():
+            if isinstance(module, (torch.nn.Linear, LoRALinear, torch.nn.Embedding)):  # (the tied head)
+                module.weight.copy_(QuantLinear.from_weight(module.weight, None, cfg).dequantize())
+    return model
+
+
+def lora_vlm(tok, spread: float) -> VLM:
     model = tiny_vlm(tok, lora=LoRAConfig(rank=4))
-    with pytest.raises(ConfigError, match="lm.layers.0.self_attn.q_proj carries LoRA adapters: merge them first"):
-        quantize_lm(model.lm, QuantConfig(8))
-    assert not quantized_layers(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, spread)  # adapters that change the answers
+    return model
+
+
+def test_lora_adapters_stay_in_float_over_the_quantised_base(tok):
+    """The fault this guards against: on a base already on the int4 grid, merging small adapters
+    before quantising rounds the merged weight back onto the base's grid, erasing the tuning."""
+    cfg = QuantConfig(4, 32)
+    model = lora_vlm(tok, spread=0.003)  # changes of about a quarter of an int4 step
+    on_int4_grid(model, cfg)
+    base_only = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in base_only.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    kept = quantized(model, cfg)
+    layers = quantized_layers(kept.lm)
+    assert isinstance(layers["layers.0.self_attn.q_proj"], Q.QuantLoRALinear) and len(layers) == 7 * 2 + 1
+    from vitune.model.lora import merge_lora
+    merged = quantized(merge_lora(copy.deepcopy(model)), cfg)
+    ids = tok.encode(PROMPTS[3])
+    want, without = path_logits(model, ids), path_logits(base_only, ids)
+    tuning = (want - without).abs().max()
+    assert tuning > 0.05  # the adapters matter
+    assert (path_logits(kept, ids) - want).abs().max() < 0.2 * tuning
+    assert (path_logits(merged, ids) - want).abs().max() > 0.5 * tuning  # merged: the tuning is lost
+
+
+@pytest.mark.parametrize("rows", [1, 100])
+def test_a_quantised_lora_layer_matches_its_dequantised_reference(rows):
+    from vitune.model.lora import LoRALinear
+    torch.manual_seed(1)
+    layer = LoRALinear(torch.nn.Linear(64, 48), LoRAConfig(rank=4, alpha=8.0))
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    q = Q.QuantLoRALinear.from_lora(layer, QuantConfig(8), "proj")
+    x = torch.randn(rows, 64)
+    ref = F.linear(x.bfloat16().float(), q.base_weight() + layer.delta(), layer.bias)
+    assert (q(x) - ref).abs().max() <= 0.01 * ref.abs().max()
+    assert torch.allclose(q.dequantize(), q.base_weight() + layer.delta())
+    assert "LoRA rank 4" in repr(q)
 
 
 # --- one layer --------------------------------------------------------------------------------------
@@ -221,7 +273,7 @@ def test_save_then_load_gives_identical_outputs(tok, tmp_path, cfg):
     q = quantized(tiny_vlm(tok), cfg)
     folder = save_quantized(q, tok, tmp_path / "q")
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format"] == QUANT_FORMAT and meta["quantization"]["format_version"] == 1
+    assert meta["format"] == QUANT_FORMAT and meta["quantization"]["format_version"] == 2
     assert meta["quantization"]["bits"] == cfg.bits and meta["quantization"]["group_size"] == cfg.group_size
     back, tok2 = load_quantized(folder)
     ids = tok.encode(PROMPTS[0])
@@ -253,7 +305,7 @@ def _edit_tensors(folder, edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda f: _edit_record(f, format_version=2), "quantization.format_version 2 is not one this vitune reads"),
+    (lambda f: _edit_record(f, format_version=3), "quantization.format_version 3 is not one this vitune reads"),
     (lambda f: _edit_record(f, bits=3), "quantization.bits must be 8 or 4, got 3"),
     (lambda f: _edit_record(f, layers=["layers.0.self_attn.q_proj"]), "quantization.layers does not list"),
     (lambda f: _edit_tensors(f, lambda s: s.pop("lm.layers.1.mlp.up_proj.scales")),
@@ -289,20 +341,30 @@ def test_quantize_folder_and_load_model(tok, tmp_path, float_folder):
         quantize_folder(float_folder, tmp_path / "bad", bits=2)
 
 
-def test_quantize_folder_merges_lora_first(tok, tmp_path):
-    model = tiny_vlm(tok, lora=LoRAConfig(rank=4))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)  # adapters that change the answers
+def test_quantize_folder_keeps_lora_adapters_or_merges_them_when_asked(tok, tmp_path):
+    model = lora_vlm(tok, spread=0.05)
     src = save_pretrained(model, tok, tmp_path / "lora")
-    out = quantize_folder(src, tmp_path / "q", bits=8)
-    got, _ = load_model(out)
-    assert got.cfg.lora.rank == 0
+    ids = tok.encode(PROMPTS[2])
+    got, _ = load_model(quantize_folder(src, tmp_path / "q", bits=4))
+    assert got.cfg.lora.rank == 4 and isinstance(quantized_layers(got.lm)["layers.1.mlp.down_proj"], Q.QuantLoRALinear)
+    assert torch.equal(path_logits(got, ids), path_logits(quantized(model, QuantConfig(4)), ids))
+    on_load, _ = load_model(src, quantize=QuantConfig(4))
+    assert torch.equal(path_logits(on_load, ids), path_logits(got, ids))
+    merged, _ = load_model(quantize_folder(src, tmp_path / "m", bits=8, merge_adapters=True))
+    assert merged.cfg.lora.rank == 0
     from vitune.model.lora import merge_lora
     want = quantized(merge_lora(copy.deepcopy(model)), QuantConfig(8))
-    ids = tok.encode(PROMPTS[2])
-    assert torch.equal(path_logits(got, ids), path_logits(want, ids))
+    assert torch.equal(path_logits(merged, ids), path_logits(want, ids))
+
+
+def test_a_version_1_folder_loads_and_one_with_adapters_is_refused(tok, tmp_path):
+    folder = save_quantized(quantized(tiny_vlm(tok), QuantConfig(8)), tok, tmp_path / "v1")
+    _edit_record(folder, format_version=1)  # what vitune wrote before adapters were kept
+    load_quantized(folder)
+    lora = save_quantized(quantized(lora_vlm(tok, 0.05), QuantConfig(8)), tok, tmp_path / "v1-lora")
+    _edit_record(lora, format_version=1)
+    with pytest.raises(DataError, match="model.lora.rank is 4; a format_version 1 folder holds merged weights"):
+        load_quantized(lora)
 
 
 # --- generate's incremental decoding == the full re-decode it replaced ------------------------------

@@ -4,6 +4,9 @@ A quantised folder is a model folder whose `config.json` says `"format": "vitune
 and holds a `quantization` record (`format_version`, `bits`, `group_size`, the quantised `layers`);
 `model.safetensors` holds every tensor (standalone: nothing taken from a base), the quantised
 layers as `qweight` (int8, or int4 packed two to a byte) with bf16 `scales` (and int4 `zeros`).
+A model trained with LoRA keeps its adapters (`lora_A`, `lora_B`, float) beside the quantised base
+weights, and its config keeps `lora.rank` (format_version 2; `merge_adapters=True` folds them in
+first, which int4 rounds away: model/quant.py).
 A reader that does not know quantisation (model_folder.read_meta, also in older vitune releases)
 refuses the folder on its `format`; this reader refuses an unknown `format_version`, a missing or
 misshapen tensor, and a record that does not fit the model, naming the field or tensor.
@@ -32,7 +35,8 @@ from vitune.model.quant import QuantConfig, quantize_lm, quantized_layers, quant
 from vitune.model.vlm import VLM
 
 QUANT_FORMAT = "vitune-vlm-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: adapters merged before quantising (lora.rank 0)
 
 
 def _record(model: VLM) -> dict:
@@ -80,7 +84,7 @@ def _quant_config(record: object, where: str) -> QuantConfig:
     if not isinstance(record, dict):
         raise DataError(f"{where}: 'quantization' is missing or not an object (got {record!r})")
     version = record.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise DataError(f"{where}: quantization.format_version {version!r} is not one this vitune reads "
                         f"({FORMAT_VERSION}); a newer vitune wrote it: upgrade vitune to load it")
     try:
@@ -109,8 +113,9 @@ def read_quantized_meta(folder: Path) -> tuple[ModelConfig, int, QuantConfig, li
         validate(Config(model=cfg))
     except ConfigError as e:
         raise ConfigError(f"{path}:model: {e}") from None
-    if cfg.lora.rank:
-        raise DataError(f"{path}: model.lora.rank is {cfg.lora.rank}; a quantised folder holds merged weights (0)")
+    if cfg.lora.rank and meta["quantization"]["format_version"] < 2:
+        raise DataError(f"{path}: model.lora.rank is {cfg.lora.rank}; a format_version 1 folder holds merged "
+                        "weights (0)")
     return cfg, meta["image_token_id"], qcfg, layers
 
 
@@ -162,9 +167,10 @@ def _ready(model: VLM, device, dtype: torch.dtype | None) -> VLM:
     return model
 
 
-def quantize_model(model: VLM, qcfg: QuantConfig) -> VLM:
-    """LoRA adapters merged first (exact up to rounding), then the LM quantised in place."""
-    if model.cfg.lora.rank:
+def quantize_model(model: VLM, qcfg: QuantConfig, merge_adapters: bool = False) -> VLM:
+    """The LM quantised in place, LoRA adapters kept in float beside the quantised base weights
+    (`merge_adapters`: folded in first: one matmul a layer fewer, but int4 rounds them away)."""
+    if model.cfg.lora.rank and merge_adapters:
         merge_lora(model)
     quantize_lm(model.lm, qcfg)
     return model
@@ -188,9 +194,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def quantize_folder(model_dir: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
-                    overwrite: bool = False) -> Path:
-    """`vitune quantize MODEL OUT --bits 8|4 [--group-size G]`: a float model folder (LoRA merged) -> a
-    quantised folder."""
+                    overwrite: bool = False, merge_adapters: bool = False) -> Path:
+    """`vitune quantize MODEL OUT --bits 8|4 [--group-size G] [--merge-adapters]`: a float model folder ->
+    a quantised folder (LoRA adapters kept in float unless `merge_adapters`)."""
     qcfg = QuantConfig(bits=bits, group_size=group_size)  # bad values: an error before any work
     check_output_dir(out_dir, overwrite, {"model folder": model_dir})
     folder = resolve_model_dir(model_dir)
@@ -200,7 +206,7 @@ def quantize_folder(model_dir: str | Path, out_dir: str | Path, bits: int, group
     if fmt != FORMAT:
         raise DataError(f"{folder}/config.json: format {fmt!r} is not {FORMAT!r}")
     model, tok = load_pretrained(folder)
-    return save_quantized(quantize_model(model, qcfg), tok, out_dir)
+    return save_quantized(quantize_model(model, qcfg, merge_adapters), tok, out_dir)
 
 
 def quantized_size(model: VLM) -> int:
