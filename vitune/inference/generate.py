@@ -3,7 +3,8 @@ prompts with images, with stop tokens, stop strings and streaming.
 
 Prompts are left-padded; each row's positions count its own tokens only, and a pad query
 attends to itself alone (never a fully-masked row). `use_cache=False` recomputes the whole
-sequence every step: slower, and the reference the cached path is tested against.
+sequence every step: slower, and the reference the cached path is tested against. `compile=True`
+runs the steps after the prefill as one compiled function of fixed shapes (static_decode.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from vitune.inference.static_decode import StaticDecoder, static_length
 from vitune.model.lm import KVCache
 from vitune.model.vlm import VLM, Instructions
 
@@ -26,6 +28,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
     use_cache: bool = True
+    compile: bool = False           # the decode step under torch.compile (static_decode.py)
 
     def __post_init__(self):
         """Each bad value is refused naming its field; `not (x >= 0)` also catches nan."""
@@ -43,6 +46,9 @@ class GenerationConfig:
             raise ValueError("stop_strings must not hold an empty string (it would stop before the first token)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.compile, bool) or (self.compile and not self.use_cache):
+            raise ValueError(f"compile must be True or False, and needs use_cache=True; got compile={self.compile!r}, "
+                             f"use_cache={self.use_cache!r}")
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,17 +108,25 @@ def generate_steps(
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # gated cross-attention: the images' keys/values are projected here, once, for every step
         embeds, cross = model.prepare(ids, pixel_values, instructions, positions)  # (B, L, D)
-        cache = KVCache.empty(model.cfg.lm, len(prompts), L + gen.max_new_tokens, embeds.dtype, device) \
-            if gen.use_cache else None
+        cache = KVCache.empty(model.cfg.lm, len(prompts), _cache_length(L + gen.max_new_tokens, gen),
+                              embeds.dtype, device) if gen.use_cache else None
         hidden = model.lm(embeds, positions, _attn_mask(valid, L), cache, cross)
+    if gen.compile and cross is not None:
+        raise ValueError(f"compile=True: the compiled decode step has no gated cross-attention "
+                         f"(model.fusion.kind={model.cfg.fusion.kind}); decode it with compile=False")
+    static = StaticDecoder(model.lm, cache, valid) if gen.compile else None
     B = len(prompts)
+    logits = model.lm.logits(hidden[:, -1])
     for step in range(gen.max_new_tokens):
-        token = _pick(model.lm.logits(hidden[:, -1]), gen, rng).to(device)  # (B,)
+        token = _pick(logits, gen, rng).to(device)  # (B,)
         yield token
         if step == gen.max_new_tokens - 1:
             return  # no forward pass for a token nobody will read
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
         step_pos = positions[:, -1:] + 1
+        if static is not None:
+            positions, logits = step_pos, static.step(token, step_pos)
+            continue
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
         new = model.lm.embed(token[:, None])  # (B, 1, D)
         if cache is not None:
             positions = step_pos
@@ -120,6 +134,11 @@ def generate_steps(
         else:
             embeds, positions = torch.cat([embeds, new], 1), torch.cat([positions, step_pos], 1)
             hidden = model.lm(embeds, positions, _attn_mask(valid, valid.shape[1]), None, cross)
+        logits = model.lm.logits(hidden[:, -1])
+
+
+def _cache_length(needed: int, gen: GenerationConfig) -> int:
+    return static_length(needed) if gen.compile else needed
 
 
 def _prefill_shared(model: VLM, prompts: list[list[int]], pixel_values: torch.Tensor | None,
@@ -137,7 +156,8 @@ def _prefill_shared(model: VLM, prompts: list[list[int]], pixel_values: torch.Te
     prefix_embeds = model.embed_inputs(torch.tensor([prefix], device=device), pixel_values)  # (1, P, D)
     one = KVCache.empty(model.cfg.lm, 1, P, prefix_embeds.dtype, device)
     model.lm(prefix_embeds, torch.arange(P, device=device)[None], None, one)
-    cache = KVCache.empty(model.cfg.lm, B, P + Ls + gen.max_new_tokens, prefix_embeds.dtype, device)
+    cache = KVCache.empty(model.cfg.lm, B, _cache_length(P + Ls + gen.max_new_tokens, gen), prefix_embeds.dtype,
+                          device)
     for layer in range(len(cache.k)):
         cache.k[layer][:, :, :P] = one.k[layer]
         cache.v[layer][:, :, :P] = one.v[layer]
