@@ -5,6 +5,10 @@ Engines, all on the packaged model (`vitune convert smollm2` caches its fp32 cop
 - `vitune-fp32`, `vitune-bf16` (weights cast to bf16): vitune's LM in a VLM, through `generate_steps`
   (text only: the VLM's vision tower is a tiny random one, never run);
 - `vitune-int8`, `vitune-int4`: the same LM weight-only quantised (model/quant.py), the rest in bf16;
+- `vitune-int4-lora`: int4 with rank-16 LoRA adapters on every projection kept in float beside the
+  quantised base (what `vitune quantize` makes of a `smol` model as trained; random adapters);
+- `...-compiled`: the same, the decode step under torch.compile (`GenerationConfig(compile=True)`);
+  the warm-up compiles it, and its time is reported as `warmup_s`;
 - `hf-fp32`, `hf-bf16`: transformers' `LlamaForCausalLM.generate` on the same cached folder;
 - `llama.cpp`: `llama-cpp-python` on the package's own Q4_1 GGUF, batch 1 only, when importable
   (a benchmark extra, never installed by vitune; otherwise its row says "not installed").
@@ -40,31 +44,54 @@ PROMPTS = (
     "How do I make a cup of tea?", "Name three animals that live in the sea.", "What is photosynthesis?",
     "Give me one tip for learning a new language.", "What is the largest planet in our solar system?",
 )
-ENGINES = ("vitune-fp32", "vitune-bf16", "vitune-int8", "vitune-int4", "hf-fp32", "hf-bf16", "llama.cpp")
+
+
+@dataclasses.dataclass(frozen=True)
+class VituneEngine:
+    dtype: torch.dtype = torch.bfloat16
+    bits: int | None = None
+    lora: bool = False
+    compile: bool = False
+
+
+VITUNE = {
+    "vitune-fp32": VituneEngine(torch.float32), "vitune-bf16": VituneEngine(),
+    "vitune-int8": VituneEngine(bits=8), "vitune-int4": VituneEngine(bits=4),
+    "vitune-int4-lora": VituneEngine(bits=4, lora=True),
+    "vitune-bf16-compiled": VituneEngine(compile=True), "vitune-int8-compiled": VituneEngine(bits=8, compile=True),
+    "vitune-int4-compiled": VituneEngine(bits=4, compile=True),
+    "vitune-int4-lora-compiled": VituneEngine(bits=4, lora=True, compile=True),
+}
+ENGINES = (*VITUNE, "hf-fp32", "hf-bf16", "llama.cpp")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------------------- engines
 
-def vitune_model(engine: str):
+def vitune_model(engine: VituneEngine):
     from vitune.checkpoints.pretrained import build_vlm, pretrained_tokenizer
     from vitune.config import LoRAConfig, VisionConfig
     from vitune.model.quant import QuantConfig, quantize_lm
     from vitune.presets import smol
-    cfg = dataclasses.replace(smol().model, lora=LoRAConfig(rank=0), vision=VisionConfig(
+    lora = smol().model.lora if engine.lora else LoRAConfig(rank=0)
+    cfg = dataclasses.replace(smol().model, lora=lora, vision=VisionConfig(
         kind="vit", image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_dim=64))
     tok = pretrained_tokenizer(cfg)
     model = build_vlm(cfg, tok.special.image).eval()
-    if engine in ("vitune-int8", "vitune-int4"):
-        quantize_lm(model.lm, QuantConfig(8) if engine == "vitune-int8" else QuantConfig(4, 32))
-    if engine != "vitune-fp32":
-        model.to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 1e-3, generator=torch.Generator().manual_seed(0))  # small: the answers barely move
+    if engine.bits:
+        quantize_lm(model.lm, QuantConfig(8) if engine.bits == 8 else QuantConfig(4, 32))
+    model.to(engine.dtype)
     return model, tok
 
 
-def vitune_run(model, prompts: list[list[int]], n_new: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
+def vitune_run(handle, prompts: list[list[int]], n_new: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
     from vitune.inference.generate import GenerationConfig, generate_steps
-    gen = GenerationConfig(max_new_tokens=n_new)
+    model, compile = handle
+    gen = GenerationConfig(max_new_tokens=n_new, compile=compile)
     tokens, t0 = [], time.perf_counter()
     ttft = None
     for token in generate_steps(model, prompts, None, gen, pad_id):
@@ -200,8 +227,8 @@ def load_engines(names: list[str], threads: int) -> tuple[dict, dict[str, str], 
         elif name.startswith("hf-"):
             loaded[name] = (hf_model(name), hf_run)
         else:
-            model, tok = vitune_model(name)
-            loaded[name] = (model, vitune_run)
+            model, tok = vitune_model(VITUNE[name])
+            loaded[name] = ((model, VITUNE[name].compile), vitune_run)
     if tok is None:
         from vitune.checkpoints.pretrained import pretrained_tokenizer
         from vitune.presets import smol
@@ -216,11 +243,13 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> float:
 
 def measure(loaded: dict, batch: int, prompts: list[list[int]], n_new: int, repeats: int, pad_id: int) -> dict:
     """{engine: {"ttft": [...], "total": [...], "tokens": ...}} for one batch size, engines in turn."""
-    runs = {name: {"ttft": [], "total": [], "tokens": None} for name in loaded
+    runs = {name: {"ttft": [], "total": [], "tokens": None, "warmup_s": 0.0} for name in loaded
             if batch == 1 or name != "llama.cpp"}
-    for name in runs:  # warm-up: allocation, kernel selection, caches
+    for name in runs:  # warm-up at the timed shapes: allocation, kernel selection, caches, compiles
         handle, run = loaded[name]
-        run(handle, prompts[:batch], min(n_new, 8), pad_id)
+        t0 = time.perf_counter()
+        run(handle, prompts[:batch], n_new, pad_id)
+        runs[name]["warmup_s"] = time.perf_counter() - t0
     for _ in range(repeats):
         for name, r in runs.items():
             handle, run = loaded[name]
@@ -239,17 +268,19 @@ def summarise(runs: dict, batch: int, n_new: int) -> list[dict]:
         rows.append({"engine": name, "batch": batch, "ttft_ms": 1000 * ttft,
                      "decode_tok_s": batch * (n_new - 1) / (total - ttft), "e2e_tok_s": batch * n_new / total,
                      "agree": agreement(ref, r["tokens"]) if ref and name != "llama.cpp" else None,
+                     "warmup_s": r["warmup_s"],
                      "ttft_s_runs": r["ttft"], "total_s_runs": r["total"]})
     return rows
 
 
 def table(rows: list[dict], missing: dict[str, str]) -> str:
-    lines = [f"{'engine':<13} {'batch':>5} {'TTFT ms':>8} {'decode tok/s':>13} {'e2e tok/s':>10} {'agree':>6}"]
+    lines = [f"{'engine':<26} {'batch':>5} {'TTFT ms':>8} {'decode tok/s':>13} {'e2e tok/s':>10} {'agree':>6} "
+             f"{'warm-up s':>9}"]
     for r in rows:
         agree = "-" if r["agree"] is None else f"{r['agree']:.2f}"
-        lines.append(f"{r['engine']:<13} {r['batch']:>5} {r['ttft_ms']:>8.0f} {r['decode_tok_s']:>13.1f} "
-                     f"{r['e2e_tok_s']:>10.1f} {agree:>6}")
-    lines += [f"{name:<13} {'':>5} {why}" for name, why in missing.items()]
+        lines.append(f"{r['engine']:<26} {r['batch']:>5} {r['ttft_ms']:>8.0f} {r['decode_tok_s']:>13.1f} "
+                     f"{r['e2e_tok_s']:>10.1f} {agree:>6} {r['warmup_s']:>9.1f}")
+    lines += [f"{name:<26} {'':>5} {why}" for name, why in missing.items()]
     return "\n".join(lines)
 
 
