@@ -7,6 +7,8 @@ Engines, all on the packaged model (`vitune convert smollm2` caches its fp32 cop
 - `vitune-int8`, `vitune-int4`: the same LM weight-only quantised (model/quant.py), the rest in bf16;
 - `vitune-int4-lora`: int4 with rank-16 LoRA adapters on every projection kept in float beside the
   quantised base (what `vitune quantize` makes of a `smol` model as trained; random adapters);
+- every vitune engine runs the LM in its fused inference form (model/fuse.py: q/k/v and gate/up as
+  one matmul each), as `vitune chat` loads it; `...-unfused`: the layers as stored, for comparison;
 - `...-compiled`: the same, the decode step under torch.compile (`GenerationConfig(compile=True)`);
   the warm-up compiles it, and its time is reported as `warmup_s`;
 - `hf-fp32`, `hf-bf16`: transformers' `LlamaForCausalLM.generate` on the same cached folder;
@@ -52,12 +54,15 @@ class VituneEngine:
     bits: int | None = None
     lora: bool = False
     compile: bool = False
+    fuse: bool = True  # model/fuse.py's inference form, as Assistant.load gives it
 
 
 VITUNE = {
     "vitune-fp32": VituneEngine(torch.float32), "vitune-bf16": VituneEngine(),
     "vitune-int8": VituneEngine(bits=8), "vitune-int4": VituneEngine(bits=4),
     "vitune-int4-lora": VituneEngine(bits=4, lora=True),
+    "vitune-bf16-unfused": VituneEngine(fuse=False), "vitune-int4-unfused": VituneEngine(bits=4, fuse=False),
+    "vitune-int4-lora-unfused": VituneEngine(bits=4, lora=True, fuse=False),
     "vitune-bf16-compiled": VituneEngine(compile=True), "vitune-int8-compiled": VituneEngine(bits=8, compile=True),
     "vitune-int4-compiled": VituneEngine(bits=4, compile=True),
     "vitune-int4-lora-compiled": VituneEngine(bits=4, lora=True, compile=True),
@@ -71,6 +76,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def vitune_model(engine: VituneEngine):
     from vitune.checkpoints.pretrained import build_vlm, pretrained_tokenizer
     from vitune.config import LoRAConfig, VisionConfig
+    from vitune.model.fuse import fuse_for_inference
     from vitune.model.quant import QuantConfig, quantize_lm
     from vitune.presets import smol
     lora = smol().model.lora if engine.lora else LoRAConfig(rank=0)
@@ -85,6 +91,8 @@ def vitune_model(engine: VituneEngine):
     if engine.bits:
         quantize_lm(model.lm, QuantConfig(8) if engine.bits == 8 else QuantConfig(4, 32))
     model.to(engine.dtype)
+    if engine.fuse:
+        fuse_for_inference(model.lm)
     return model, tok
 
 

@@ -11,6 +11,7 @@ from test_quant import PROMPTS, lora_vlm, quantized, tiny_vlm
 
 from vitune.inference.generate import GenerationConfig, generate
 from vitune.inference.static_decode import BLOCK, StaticDecoder, decode_step, static_length
+from vitune.model.fuse import fuse_for_inference
 from vitune.model.lm import KVCache
 from vitune.model.quant import QuantConfig
 
@@ -34,10 +35,28 @@ def test_compiled_greedy_tokens_equal_the_eager_ones_fp32_left_padded_and_shared
     assert tokens(model, tok, shared, True, shared_prefix=P) == tokens(model, tok, shared, False, shared_prefix=P)
 
 
-def test_compiled_greedy_tokens_equal_the_eager_ones_int4_with_lora_in_bf16(tok):
+def step_logits(model, ids: list[int], feed: list[int], compile: bool) -> torch.Tensor:
+    """Logits of each step after a prefill of `ids`, the tokens `feed` given (teacher-forced)."""
+    T, dtype = len(ids), next(model.parameters()).dtype
+    with torch.inference_mode():
+        cache = KVCache.empty(model.cfg.lm, 1, static_length(T + len(feed)), dtype, "cpu")
+        model.lm(model.lm.embed(torch.tensor([ids])), torch.arange(T)[None], None, cache)
+        step = StaticDecoder(model.lm, cache, torch.ones(1, T, dtype=torch.bool), compile=compile)
+        return torch.cat([step.step(torch.tensor([t]), torch.tensor([[T + i]])) for i, t in enumerate(feed)]).float()
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_compiled_step_equals_the_uncompiled_one_int4_with_lora_in_bf16(tok, fuse):
+    """bf16 logits: compiled and eager kernels may round a sum differently, so near-ties may pick
+    another token; the logits of each step, fed the same tokens, must agree to bf16 precision."""
     model = quantized(lora_vlm(tok, spread=0.05), QuantConfig(4, 32)).to(torch.bfloat16)
-    prompts = [tok.encode(p) for p in PROMPTS[:2]]
-    assert tokens(model, tok, prompts, True, n=16) == tokens(model, tok, prompts, False, n=16)
+    if fuse:
+        fuse_for_inference(model.lm)  # q/k/v and gate/up as one matmul each, as Assistant.load does
+    ids, feed = tok.encode(PROMPTS[0]), tok.encode(" the answer is blue")
+    eager, compiled = (step_logits(model, ids, feed, c) for c in (False, True))
+    scale = eager.abs().max().item()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0.02 * scale)
+    assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.8
 
 
 def test_the_static_step_uncompiled_equals_the_eager_cache_step(tok):

@@ -22,6 +22,7 @@ from vitune.checkpoints.pretrained import base_state, pretrained_parts
 from vitune.config import Config, ConfigError, ModelConfig, dump_yaml, from_dict, to_dict, validate
 from vitune.data.tokenizer import Tokenizer
 from vitune.files import DataError, atomic_dir, naming, recover_dir
+from vitune.model.fuse import refuse_fused
 from vitune.model.lora import is_lora_key
 from vitune.model.vlm import VLM
 
@@ -71,6 +72,7 @@ def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 
 def save_pretrained(model: VLM, tok: Tokenizer, folder: str | Path, config: Config | None = None) -> Path:
     folder = Path(folder)
+    refuse_fused(model, f"saving to {folder}")
     state, from_base = stored_state(model, config)
     _check_finite(state, f"refusing to save the model to {folder}")
     meta = {"format": FORMAT, "vitune_version": __version__, "image_token_id": model.image_token_id,

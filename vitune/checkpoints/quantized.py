@@ -30,6 +30,7 @@ from vitune.checkpoints.model_folder import FORMAT, load_pretrained, non_finite,
 from vitune.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
 from vitune.data.tokenizer import Tokenizer
 from vitune.files import DataError, atomic_dir, check_output_dir, naming
+from vitune.model.fuse import refuse_fused
 from vitune.model.lora import merge_lora
 from vitune.model.quant import QuantConfig, quantize_lm, quantized_layers, quantized_layout, quantized_names
 from vitune.model.vlm import VLM
@@ -58,6 +59,7 @@ def _stored_state(model: VLM) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: VLM, tok: Tokenizer, folder: str | Path) -> Path:
     folder = Path(folder)
+    refuse_fused(model, f"saving to {folder}")
     record = _record(model)
     state = _stored_state(model)
     bad = non_finite(state)

@@ -18,6 +18,7 @@ from vitune.data.packing import common_prefix_len
 from vitune.data.processor import ImageTransform, encode_instructions, pad_instructions
 from vitune.data.tokenizer import IMAGE_SLOT, Tokenizer
 from vitune.inference.generate import GenerationConfig, generate
+from vitune.model.fuse import fuse_for_inference
 from vitune.model.quant import QuantConfig
 from vitune.model.vlm import VLM
 
@@ -72,9 +73,14 @@ class Assistant:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-             precision: str = "fp32", quantize: QuantConfig | None = None) -> "Assistant":
-        """Any model folder (a quantised one as stored); `quantize`: weight-only int8 / int4 on load."""
-        return cls(*load_model(path, device, dtype, quantize), precision=precision)
+             precision: str = "fp32", quantize: QuantConfig | None = None, fuse: bool = True) -> "Assistant":
+        """Any model folder (a quantised one as stored); `quantize`: weight-only int8 / int4 on load;
+        `fuse`: the LM in its inference form (model/fuse.py: float adapters merged, q/k/v and gate/up
+        as one matmul each), the same answers with fewer, larger matmuls."""
+        model, tok = load_model(path, device, dtype, quantize)
+        if fuse:
+            fuse_for_inference(model.lm)
+        return cls(model, tok, precision=precision)
 
     def prompt_ids(self, req: Request, max_new_tokens: int) -> list[int]:
         r = render(self.tok, req.messages, self.template, self.model.n_image_tokens,

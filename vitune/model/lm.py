@@ -77,12 +77,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q/k/v as one matmul, for inference (model/fuse.py)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.kv_heads * self.head_dim
+        return self.qkv_proj(x).split((self.heads * self.head_dim, kv, kv), -1)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        q = q.reshape(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd)
@@ -102,9 +110,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate/up as one matmul, for inference (model/fuse.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -133,6 +145,11 @@ class LM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Ids past the table (e.g. an added <image> placeholder) embed as 0; they are overwritten.
         return self.embed_tokens(input_ids.clamp(max=self.cfg.vocab_size - 1))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the layers are in model/fuse.py's inference form (q/k/v, gate/up as one matmul each)."""
+        return any(b.self_attn.qkv_proj is not None or b.mlp.gate_up_proj is not None for b in self.layers)
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

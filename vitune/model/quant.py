@@ -260,7 +260,8 @@ class QuantLinear(nn.Module):
 class QuantLoRALinear(QuantLinear):
     """A `QuantLinear` whose LoRA adapters stay in float beside the quantised base (QLoRA's form):
     `y = x Wq^T + scale * (x A^T) B^T`. `lora_A (r, in)` and `lora_B (out, r)` are parameters under
-    the names `LoRALinear` gives them; the kernels' copy holds `A` and `scale * B^T` in bf16."""
+    the names `LoRALinear` gives them; the kernels' copy holds `A^T` and `scale * B^T` in fp32: small
+    bf16 matmuls are 7x slower than fp32 ones on this CPU (oneDNN's fixed cost; bench/bench_decode.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, name: str = "layer",
                  rank: int = 1, scale: float = 1.0):
@@ -290,8 +291,8 @@ class QuantLoRALinear(QuantLinear):
     @torch.no_grad()
     def pack(self) -> "QuantLoRALinear":
         super().pack()
-        self._adapters = (self.lora_A.to(torch.bfloat16).contiguous(),
-                          (self.lora_B.float() * self.scale).t().to(torch.bfloat16).contiguous())  # (r, N)
+        self._adapters = (self.lora_A.float().t().contiguous(),  # (K, r)
+                          (self.lora_B.float() * self.scale).t().contiguous())  # (r, N)
         return self
 
     def delta(self) -> torch.Tensor:
@@ -302,8 +303,8 @@ class QuantLoRALinear(QuantLinear):
         return (self.base_weight(torch.float32) + self.delta()).to(dtype)
 
     def _adapt(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a, bt = self._adapters if self._adapters is not None else self.pack()._adapters
-        return torch.addmm(y, F.linear(x2, a), bt)  # (M, N) + (M, r) @ (r, N)
+        at, bt = self._adapters if self._adapters is not None else self.pack()._adapters
+        return y.add_(torch.mm(torch.mm(x2.float(), at), bt))  # (M, N) += (M, K) @ (K, r) @ (r, N), in fp32
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", LoRA rank {self.lora_A.shape[0]} (float)"
@@ -319,6 +320,9 @@ def _targets(lm: LM) -> list[tuple[nn.Module, str, str, nn.Module]]:
 
 
 def _refuse(lm: LM) -> None:
+    if lm.fused:
+        raise ConfigError("the LM is in its fused inference form (model/fuse.py): quantise the model as loaded, "
+                          "before fusing")
     for name, module in lm.named_modules():
         if isinstance(module, QuantLinear):
             raise ConfigError(f"lm.{name} is already quantised ({module.cfg.name})")
