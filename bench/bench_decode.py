@@ -166,10 +166,11 @@ def llama_cpp_run(llm, prompts: list[list[int]], n_new: int, pad_id: int) -> tup
 
 # ---------------------------------------------------------------------------------------- kernels
 
-def kernels(K: int = 576, N: int = 1536, group: int = 32, rows: tuple[int, ...] = (1, 8)) -> str:
+def kernels(K: int = 576, N: int = 1536, group: int = 32, rows: tuple[int, ...] = (1, 4, 8)) -> str:
     """Median microseconds of one `(M, K) x (K, N)` product per CPU kernel (SmolLM2's up_proj shape):
     dense fp32 / bf16, the weight-only int8 and int4 kernels with bf16 and with fp32 activations, the
-    dynamic-quantisation int4 kernel (fp32 only), and int8 dequantised to bf16 then dense."""
+    dynamic-quantisation int4 kernel (fp32 only), int8 dequantised to bf16 then dense, and a rank-16
+    LoRA adapter's two small products in bf16 and in fp32."""
     import torch.nn.functional as F
     aten = torch.ops.aten
     g = torch.Generator().manual_seed(0)
@@ -185,6 +186,9 @@ def kernels(K: int = 576, N: int = 1536, group: int = 32, rows: tuple[int, ...] 
     sym = (wg.abs().amax(-1) / 7).clamp(min=1e-8)
     u = ((wg / sym[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8).reshape(N, K // 2, 2)
     pdyn = aten._dyn_quant_pack_4bit_weight((u[..., 0] | (u[..., 1] << 4)).contiguous(), sym, None, group, K, N)
+    rank = 16  # the smol preset's LoRA rank
+    at, bt = torch.randn(K, rank, generator=g) * 0.02, torch.randn(rank, N, generator=g) * 1e-3
+    atb, btb = at.bfloat16(), bt.bfloat16()
     lines = [f"kernel, K={K} N={N}, {torch.get_num_threads()} thread(s): median us per call"]
     for M in rows:
         x = torch.randn(M, K, generator=g)
@@ -199,6 +203,8 @@ def kernels(K: int = 576, N: int = 1536, group: int = 32, rows: tuple[int, ...] 
                 x, p4, group, sz),
             f"_dyn_quant_matmul_4bit g{group}, fp32": lambda: aten._dyn_quant_matmul_4bit(x, pdyn, group, K, N),
             "int8 dequantised to bf16, then dense": lambda: F.linear(xb, q8.bfloat16() * s8.bfloat16()[:, None]),
+            f"LoRA adapter r={rank} (x A^T) B^T, bf16": lambda: torch.mm(torch.mm(xb, atb), btb),
+            f"LoRA adapter r={rank} (x A^T) B^T, fp32": lambda: torch.mm(torch.mm(x, at), bt),
         }
         for name, fn in cases.items():
             lines.append(f"  M={M:<3} {name:<42} {_median_us(fn):>9.0f}")
