@@ -26,6 +26,7 @@ import torch
 from vitune.model.lm import LM, KVCache, rope_tables
 
 BLOCK = 128  # cache lengths are rounded up to a multiple of this
+RECOMPILE_LIMIT = 64
 
 
 def static_length(needed: int) -> int:
@@ -62,6 +63,9 @@ _COMPILED: list = []
 def compiled_step():
     """`decode_step` under `torch.compile` (made once per process; it recompiles per model and shape)."""
     if not _COMPILED:
+        # each model (and batch size / cache length, until sizes go dynamic) compiles its own step;
+        # past dynamo's default limit of 8 a process would fall back to eager without a word
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED.append(torch.compile(decode_step, fullgraph=True))
     return _COMPILED[0]
 
