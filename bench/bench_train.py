@@ -9,7 +9,9 @@ What it measures, on the CPU it runs on, in one process with A/B alternation:
     * `vitune-9` : vitune `small` as shipped (`pool2x2`, 9 image tokens), same images and text;
     * `hf-36`    : `LlavaForConditionalGeneration` (CLIP vision + Llama, sdpa attention);
 - greedy decoding of 32 new tokens at batch 1 and 8, fp32 and bf16 weights -> new tokens/s
-  (prefill included);
+  (prefill included); vitune in its fused inference form (model/fuse.py) as `vitune chat` loads
+  it, and again with its decode step compiled (`-compiled`, GenerationConfig(compile=True); the
+  compile happens in an untimed first call);
 - memory of a training run, each model in fresh subprocesses (RSS high-water mark, VmHWM), and the
   tensors saved for backward;
 - how vitune's step time grows with image tokens (9 / 36 / 144) and with sequence length
@@ -65,6 +67,7 @@ class Spec:
     impl: Impl
     cfg: ModelConfig              # transformers' model is built from it too (`hf_config`)
     text_len: int = TEXT_LEN
+    compile: bool = False         # decoding only: the torch.compile'd step (GenerationConfig.compile)
 
     @property
     def image_tokens(self) -> int:
@@ -227,7 +230,9 @@ def make_decoder(spec: Spec, precision: Precision, batch: int, new_tokens: int) 
     pixels = torch.randn(batch, 3, size, size, generator=g).to(dtype)
     if spec.impl == "vitune":
         from vitune.inference.generate import GenerationConfig, generate
-        gen, prompts = GenerationConfig(max_new_tokens=new_tokens), ids.tolist()
+        from vitune.model.fuse import fuse_for_inference
+        fuse_for_inference(model.lm)  # the inference form `vitune chat` loads (q/k/v, gate/up fused)
+        gen, prompts = GenerationConfig(max_new_tokens=new_tokens, compile=spec.compile), ids.tolist()
 
         def run() -> int:
             out = generate(model, prompts, pixels, gen, stop_ids=set(), decode=lambda _: "", pad_id=0)
@@ -446,6 +451,10 @@ def bench_training(specs: list[Spec], plan: Plan) -> list[dict]:
 
 
 def bench_decoding(specs: list[Spec], plan: Plan) -> list[dict]:
+    """Every spec, and each vitune one with its decode step compiled too (`-compiled`; the compile
+    happens in the untimed first call)."""
+    specs = specs + [dataclasses.replace(s, name=f"{s.name}-compiled", compile=True) for s in specs
+                     if s.impl == "vitune"]
     rows = []
     for prec in ("bf16", "fp32"):
         for b in (1, 8):
@@ -486,7 +495,7 @@ SECTIONS = [  # (result key, title, columns)
 ]
 
 
-def run_all(plan: Plan, threads: int, say: Callable[[str], None]) -> dict:
+def run_all(plan: Plan, threads: int, say: Callable[[str], None], sections: tuple[str, ...] = ()) -> dict:
     res: dict = {"machine": machine(), "plan": dataclasses.asdict(plan), "others_cpu_share": {}}
     say(f"machine: {res['machine']}")
     specs = [build_spec() for build_spec in MAIN_SPECS.values()]
@@ -500,6 +509,8 @@ def run_all(plan: Plan, threads: int, say: Callable[[str], None]) -> dict:
         "scale_text": lambda: bench_scaling(text_scaling_specs(), plan),
     }
     for key, title, cols in SECTIONS:
+        if sections and key not in sections:
+            continue
         with HostNoise() as noise:
             res[key] = work[key]()
         res["others_cpu_share"][key] = noise.others
@@ -518,6 +529,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few repeats: a smoke run of ~1-2 minutes")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--sections", default="", help=f"comma-separated, of {', '.join(k for k, _, _ in SECTIONS)} "
+                                                  "(default: all)")
     p.add_argument("--memory-probe", choices=sorted(MAIN_SPECS), help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -535,7 +548,11 @@ def main(argv=None) -> None:
         print(json.dumps(memory_probe(spec, args.precision, args.batch, args.steps, args.with_transformers)))
         return
     t0 = time.perf_counter()
-    res = run_all(PLANS["quick" if args.quick else "full"], args.threads, lambda s: print(s, flush=True))
+    sections = tuple(x for x in args.sections.split(",") if x)
+    unknown = sorted(set(sections) - {k for k, _, _ in SECTIONS})
+    if unknown:
+        raise SystemExit(f"--sections: unknown {unknown}; choose from {[k for k, _, _ in SECTIONS]}")
+    res = run_all(PLANS["quick" if args.quick else "full"], args.threads, lambda s: print(s, flush=True), sections)
     res["wall_s"] = time.perf_counter() - t0
     print(f"\nwall time {res['wall_s']:.0f} s; load average at start {res['machine']['loadavg_start']}, "
           f"at end {res['machine']['loadavg_end']}")
