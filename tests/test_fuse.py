@@ -81,3 +81,29 @@ def test_fusing_twice_changes_nothing(tok):
     fuse_for_inference(f.lm)
     after = f.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_projections_with_biases_fuse_with_them(tok, bits):
+    model = tiny_vlm(tok, qkv_bias=True)  # Qwen2-style q/k/v biases
+    with torch.no_grad():
+        for layer in model.lm.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    ref = model if bits is None else quantized(model, QuantConfig(bits))
+    f = fused(ref)
+    assert f.lm.layers[0].self_attn.qkv_proj.bias is not None
+    ids = tok.encode("The quick brown fox")
+    tol = 1e-4 if bits is None else 0.02
+    torch.testing.assert_close(path_logits(f, ids), path_logits(ref, ids), rtol=tol, atol=tol)
+
+
+def test_a_refusal_leaves_the_lm_as_it_was(tok):
+    model = quantized(lora_vlm(tok, spread=0.05), QuantConfig(8))
+    attn = model.lm.layers[1].self_attn
+    attn.k_proj = QuantLinear.from_weight(torch.randn(attn.k_proj.out_features, attn.k_proj.in_features),
+                                          None, QuantConfig(4, 32), "k")  # another scheme than q and v
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lm.layers.1.self_attn.qkv_proj: cannot fuse"):
+        fuse_for_inference(model.lm)
+    assert not is_fused(model) and before.keys() == model.state_dict().keys()

@@ -25,7 +25,7 @@ from vitune.checkpoints.quantized import QUANT_FORMAT, load_model, load_quantize
 from vitune.config import ConfigError, LoRAConfig
 from vitune.files import DataError
 from vitune.inference.generate import GenerationConfig, generate
-from vitune.model.quant import QuantConfig, QuantLinear, dequantize_lm, quantize_lm, quantized_layers
+from vitune.model.quant import QuantConfig, QuantLinear, QuantLoRALinear, dequantize_lm, quantize_lm, quantized_layers
 from vitune.model.vlm import VLM
 from vitune.presets import tiny
 
@@ -420,3 +420,18 @@ def test_each_step_decodes_only_the_newest_tokens(tok, monkeypatch):
     out = generate(None, [[1]], None, GenerationConfig(max_new_tokens=len(tokens)), set(), decode, 0)
     assert out.texts == ["word " * 60]
     assert max(calls[:-1]) == 1 and calls[-1] == len(tokens)  # per step one token; one full decode at the end
+
+
+def test_lora_adapters_run_in_fp32_under_bf16_autocast_too():
+    from vitune.model.lora import LoRALinear
+    base = torch.nn.Linear(64, 48, bias=False)
+    lora = LoRALinear(base, LoRAConfig(rank=4))
+    with torch.no_grad():
+        lora.lora_B.normal_(0, 0.05)
+    q = QuantLoRALinear.from_lora(lora, QuantConfig(8), "layer")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        plain = q(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = q(x)
+    assert auto.dtype == plain.dtype and torch.equal(auto, plain)

@@ -32,6 +32,7 @@ from vitune.checkpoints.model_folder import load_pretrained
 from vitune.config import ModelConfig
 from vitune.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from vitune.files import atomic_dir, check_output_dir
+from vitune.model.fuse import refuse_fused
 from vitune.model.lora import merge_lora
 from vitune.model.vlm import VLM
 
@@ -165,6 +166,7 @@ def to_hf(model: VLM, tok: Tokenizer):
     from vitune.data.chat import stop_token_id
 
     check_exportable(model.cfg)
+    refuse_fused(model, "exporting to transformers")
     merge_lora(model)
     cfg, v = model.cfg, model.cfg.vision
     vocab = max(cfg.lm.vocab_size, model.image_token_id + 1)

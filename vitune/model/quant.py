@@ -242,14 +242,14 @@ class QuantLinear(nn.Module):
         else:
             y = aten._weight_int4pack_mm_for_cpu(x2, w, self.cfg.group_size, scales)
             y = y[:, :self.out_features] if y.shape[1] != self.out_features else y
-        y = self._adapt(x2, y)
+        y = self._adapt(x.reshape(-1, self.in_features), y)
         y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
         if x.dtype is not torch.bfloat16:
             y = y.to(x.dtype)
         return y if bias is None else y + bias.to(y.dtype)
 
     def _adapt(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`(M, K)`, `(M, N)` bf16 -> `(M, N)`: what is added to the base's product (nothing here)."""
+        """`x (M, K)` as given, `y (M, N)` bf16 -> `(M, N)`: what is added to the base's product (nothing here)."""
         return y
 
     def extra_repr(self) -> str:
@@ -261,7 +261,9 @@ class QuantLoRALinear(QuantLinear):
     """A `QuantLinear` whose LoRA adapters stay in float beside the quantised base (QLoRA's form):
     `y = x Wq^T + scale * (x A^T) B^T`. `lora_A (r, in)` and `lora_B (out, r)` are parameters under
     the names `LoRALinear` gives them; the kernels' copy holds `A^T` and `scale * B^T` in fp32: small
-    bf16 matmuls are 7x slower than fp32 ones on this CPU (oneDNN's fixed cost; bench/bench_decode.py)."""
+    bf16 matmuls are 7x slower than fp32 ones on this CPU (oneDNN's fixed cost; bench/bench_decode.py).
+    For inference: that copy is detached, rebuilt by `pack()` (after loading, moving or casting); call
+    `pack()` after editing the adapters in place."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, name: str = "layer",
                  rank: int = 1, scale: float = 1.0):
@@ -302,9 +304,10 @@ class QuantLoRALinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.base_weight(torch.float32) + self.delta()).to(dtype)
 
-    def _adapt(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         at, bt = self._adapters if self._adapters is not None else self.pack()._adapters
-        return y.add_(torch.mm(torch.mm(x2.float(), at), bt))  # (M, N) += (M, K) @ (K, r) @ (r, N), in fp32
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would run them in bf16
+            return y.add_(torch.mm(torch.mm(x.float(), at), bt))  # (M, N) += (M, K) @ (K, r) @ (r, N), fp32
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", LoRA rank {self.lora_A.shape[0]} (float)"
