@@ -18,6 +18,7 @@ from vitune.data.builtin.shapes import DESCRIBE, generate_shapes
 from vitune.data.builtin.shapes_scene import (
     CATEGORIES,
     COLORS,
+    RELATIONAL,
     Scene,
     SceneObject,
     caption,
@@ -39,6 +40,9 @@ PATTERNS = {
     "count": r"How many (?:objects|(?P<color>\w+) objects|(?P<shape>\w+)s) are there\?",
     "spatial": r"Is the (?P<color>\w+) (?P<shape>\w+) (?P<rel>left of|right of|above|below) "
                r"the (?P<color2>\w+) (?P<shape2>\w+)\?",
+    "closest": r"What (?P<ask>color|shape) is the object closest to the (?P<color>\w+) (?P<shape>\w+)\?",
+    "furthest": r"What (?P<ask>color|shape) is the object furthest from the (?P<color>\w+) (?P<shape>\w+)\?",
+    "same": r"How many other objects have the same (?P<by>color|shape) as the (?P<color>\w+) (?P<shape>\w+)\?",
 }
 
 
@@ -64,6 +68,15 @@ def reference_answer(objects: list[dict], text: str) -> str:
     if cat == "count":
         return str(sum(m["color"] in (None, o["color"]) and m["shape"] in (None, o["shape"]) for o in objects))
     (a,) = named
+    if cat in ("closest", "furthest"):  # by (x, y) cell centres, ties refused
+        others = [o for o in objects if o is not a]
+        d = {id(o): (o["cell"] % 3 - a["cell"] % 3) ** 2 + (o["cell"] // 3 - a["cell"] // 3) ** 2 for o in others}
+        target = (min if cat == "closest" else max)(d.values())
+        (found,) = [o for o in others if d[id(o)] == target]
+        assert len(others) >= 2, "a closest / furthest question needs two other objects"
+        return found[m["ask"]]
+    if cat == "same":
+        return str(sum(o is not a and o[m["by"]] == a[m["by"]] for o in objects))
     if cat == "size":
         return a["size"]
     if cat == "position":
@@ -121,8 +134,11 @@ def test_render_matches_scene():
 def test_answers_match_independent_reference():
     rng = np.random.default_rng(4)
     for scene in random_scenes(200, seed=5):
-        for cat in CATEGORIES:
+        for cat in CATEGORIES + RELATIONAL:
             spec = make_question(scene, cat, rng)
+            if spec is None:
+                assert cat in ("closest", "furthest"), cat
+                continue
             text = question_text(spec)
             assert parse_category(text) == cat
             assert scene_answer(scene, spec) == reference_answer(objects_of(scene), text), text
@@ -160,7 +176,7 @@ def load(path: Path):
 def test_files_and_relative_images(shapes_dir):
     meta = load(shapes_dir / "meta.json")
     assert (meta["n_train"], meta["n_test"], meta["seed"]) == (80, 21, 0)
-    assert meta["categories"] == list(CATEGORIES)
+    assert meta["categories"] == list(CATEGORIES + RELATIONAL) and meta["relational"] is True
     align, instruct = load(shapes_dir / "align.json"), load(shapes_dir / "instruct.json")
     assert len(align) == 80 and len(instruct) == meta["n_instruct"]
     questions = read_questions(shapes_dir / "test_questions.jsonl")
@@ -185,7 +201,12 @@ def test_instruct_conversations(shapes_dir):
         asked.setdefault(rec["image"], []).extend(qs)
     assert all(len(set(qs)) == len(qs) for qs in asked.values())  # singles are fresh questions
     chats = [r for r in instruct if len(r["conversations"]) > 2 or DESCRIBE in r["conversations"][0]["value"]]
-    assert 8 <= len(chats) <= 35 and len(instruct) - len(chats) == 3 * 80  # 3 singles an image, ~25% chats
+    relational = [r for r in instruct if "-relational-" in r["id"]]
+    assert 8 <= len(chats) <= 35 and len(instruct) - len(chats) - len(relational) == 3 * 80  # 3 singles an image
+    per_image = Counter(r["image"] for r in relational)
+    assert max(per_image.values()) == 2 and len(relational) >= 80  # up to 2 an image, distinct categories
+    asked = [r["conversations"][0]["value"].removeprefix("<image>\n") for r in relational]
+    assert all(parse_category(q) in RELATIONAL for q in asked)
     describe = 0
     for rec in instruct:
         conv = rec["conversations"]
@@ -208,9 +229,12 @@ def test_test_split_balanced_and_correct(shapes_dir):
     questions = read_questions(shapes_dir / "test_questions.jsonl")
     answers = read_answers(shapes_dir / "test_answers.jsonl")
     scenes = {r["image"]: r["objects"] for r in load(shapes_dir / "scenes.jsonl")}
-    assert len(questions) == 21 * 6 and set(answers) == {q.question_id for q in questions}
-    assert Counter(q.category for q in questions) == {c: 18 for c in CATEGORIES}
-    assert all(n == 6 for n in Counter(q.image for q in questions).values())
+    assert set(answers) == {q.question_id for q in questions}
+    first, relational = questions[:21 * 6], questions[21 * 6:]
+    assert Counter(q.category for q in first) == {c: 18 for c in CATEGORIES}
+    assert all(n == 6 for n in Counter(q.image for q in first).values())
+    assert {q.category for q in relational} == set(RELATIONAL) and 21 <= len(relational) <= 42
+    assert max(Counter(q.image for q in relational).values()) == 2
     for q in questions:
         assert parse_category(q.text) == q.category
         assert answers[q.question_id] == [reference_answer(scenes[q.image], q.text)]
@@ -232,3 +256,42 @@ def test_deterministic_under_seed(tmp_path, shapes_dir):
         assert b[name] == read_all(shapes_dir)[name]
     generate_shapes(tmp_path / "c", n_train=5, n_test=21, seed=1)
     assert read_all(tmp_path / "c")["test_questions.jsonl"] != b["test_questions.jsonl"]
+
+
+def test_the_relational_family_leaves_the_other_records_as_they_were(tmp_path, shapes_dir):
+    """relational=False writes what the generator wrote before the family existed (the SHA-256 of
+    those files, seed 0, 80 train / 21 test images); relational=True adds its records after them."""
+    import hashlib
+    generate_shapes(tmp_path / "plain", n_train=80, n_test=21, seed=0, relational=False)
+    plain, full = read_all(tmp_path / "plain"), read_all(shapes_dir)
+    digest = {name: hashlib.sha256(plain[name]).hexdigest() for name in
+              ("test_questions.jsonl", "test_answers.jsonl", "instruct.json")}
+    assert digest == {"test_questions.jsonl": "d1522b2f4beaa03260f0614f807e057be23a7a4ffc3bb58ed5a3b65607c064a8",
+                      "test_answers.jsonl": "938256a329a1c375752e4ffa27c1840776d04e456fb5dd6172ed655776c2733f",
+                      "instruct.json": "4f7ef897e39e9c957e75d5d8c6646158333eef3e26409b997078f739be8e82f1"}
+    differ = ("meta.json", "instruct.json", "test_questions.jsonl", "test_answers.jsonl")
+    assert {k: v for k, v in plain.items() if k not in differ} == {k: v for k, v in full.items() if k not in differ}
+    assert [r for r in load(shapes_dir / "instruct.json") if "-relational-" not in r["id"]] == \
+        load(tmp_path / "plain" / "instruct.json")
+    n = len(load(tmp_path / "plain" / "test_questions.jsonl"))
+    assert load(shapes_dir / "test_questions.jsonl")[:n] == load(tmp_path / "plain" / "test_questions.jsonl")
+
+
+def test_relational_questions_need_a_unique_answer():
+    """closest / furthest only where one object is strictly closest / furthest, and never with
+    fewer than 3 objects; same counts the other objects only."""
+    two = Scene((SceneObject("red", "circle", "small", 0, 16, 16),
+                 SceneObject("red", "square", "large", 8, 80, 80)), 96)
+    rng = np.random.default_rng(0)
+    assert make_question(two, "closest", rng) is None and make_question(two, "furthest", rng) is None
+    tie = Scene((SceneObject("red", "circle", "small", 1, 48, 16), SceneObject("blue", "square", "large", 3, 16, 48),
+                 SceneObject("green", "triangle", "small", 4, 48, 48),
+                 SceneObject("red", "triangle", "small", 5, 80, 48)), 96)
+    for _ in range(50):  # from the centre object all three others are 1 cell away: never asked about
+        spec = make_question(tie, "closest", rng)
+        assert spec is not None and (spec.color, spec.shape) != ("green", "triangle")
+        assert scene_answer(tie, spec) == reference_answer(objects_of(tie), question_text(spec))
+    same = {(s.color, s.shape, s.count_by): scene_answer(tie, s) for s in (make_question(tie, "same", rng)
+                                                                           for _ in range(200))}
+    assert same[("red", "circle", "color")] == "1" and same[("green", "triangle", "shape")] == "1"
+    assert same[("blue", "square", "shape")] == "0"

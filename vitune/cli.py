@@ -186,7 +186,8 @@ def _eval_command(args) -> tuple[str, ...]:
 
 def cmd_data_shapes(args) -> None:
     from vitune.data.builtin.shapes import generate_shapes
-    print(generate_shapes(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed))
+    print(generate_shapes(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                          relational=args.relational))
 
 
 def cmd_data_easy_vqa(args) -> None:
@@ -350,6 +351,8 @@ def _data_parsers(sub) -> None:
     p = d.add_parser("shapes", help="generate the synthetic shapes scenes data set")
     p.add_argument("--out", required=True), p.add_argument("--n-train", type=at_least(1), default=4000)
     p.add_argument("--n-test", type=at_least(1), default=500), p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--no-relational", dest="relational", action="store_false",
+                   help="without the relational questions (closest / furthest / same): the data set as before them")
     p.set_defaults(fn=cmd_data_shapes)
     p = d.add_parser("easy-vqa", help="convert the packaged easy-VQA data set")
     p.add_argument("--out", required=True), p.add_argument("--max-train", type=at_least(1))

@@ -6,7 +6,8 @@ parameters of the data it generates. The data are written once into a cache fold
 bench and its parameters (`$VITUNE_CACHE/bench/NAME-k=v-...`, else `~/.cache/vitune/bench/...`),
 atomically, and reused while present:
 - `shapes`: the shapes test split (`generate_shapes`, n_test=500 images, seed 0: 3,000 questions
-  in 7 categories);
+  in 7 categories, then the relational family's questions in 3 more: closest, furthest, same; the
+  first 3,000 are those of the bench before the family was added);
 - `shapes-pope`: POPE existence probes over the same 500 test scenes, each of the three samplings
   (random, popular, adversarial; up to 6 probes per image, half yes, half no; seed 0): 7,986 yes/no
   questions, the sampling as their category;
@@ -78,7 +79,8 @@ class PreparedBench:
 
 def _build_shapes(folder: Path, params: dict[str, Any]) -> None:
     from vitune.data.builtin.shapes import generate_shapes
-    s = generate_shapes(folder, n_train=0, n_test=params["n_test"], seed=params["seed"])
+    s = generate_shapes(folder, n_train=0, n_test=params["n_test"], seed=params["seed"],
+                        relational=params.get("relational", False))
     os.replace(s.test_questions_path, folder / QUESTIONS)
     os.replace(s.test_answers_path, folder / ANSWERS)
 
@@ -136,8 +138,9 @@ def _build_easy_vqa(folder: Path, params: dict[str, Any]) -> None:
 
 
 BENCHES: dict[str, Bench] = {b.name: b for b in (
-    Bench("shapes", "vqa", "{question}", "the shapes test split: 6 questions per image, 7 categories",
-          {"n_test": 500, "seed": 0}, _build_shapes),
+    Bench("shapes", "vqa", "{question}", "the shapes test split: 6 questions per image in 7 categories, then up to "
+          "2 relational ones per image (closest, furthest, same)", {"n_test": 500, "seed": 0, "relational": True},
+          _build_shapes),
     Bench("shapes-pope", "pope", "{question}", "POPE object-existence probes on the shapes test scenes: "
           "random, popular and adversarial sampling, half yes, half no",
           {"n_test": 500, "seed": 0, "n_per_image": 6, "probe_seed": 0}, _build_shapes_pope),

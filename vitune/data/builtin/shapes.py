@@ -4,6 +4,11 @@ split (`test_questions.jsonl`, `test_answers.jsonl`), `scenes.jsonl` (ground-tru
 `meta.json` (written last). Each image's scene, noise and questions come from its own generator
 seeded by (seed, split, index): output is deterministic and the test split does not depend on
 n_train. The scenes and questions themselves live in `vitune.data.builtin.shapes_scene`.
+
+`relational=True` (the default) adds the relational family (closest / furthest / same, drawn from
+a fourth generator of each image): RELATIONAL_SINGLES_PER_IMAGE training questions per image,
+after the image's other records, and RELATIONAL_TEST_PER_IMAGE test questions per image, after
+every other test question. The records of `relational=False` are unchanged by it, ids included.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from vitune.data.builtin.shapes_scene import (
     CATEGORIES,
     COLOR_NAMES,
     POSITIONS,
+    RELATIONAL,
     SHAPES,
     SIZES,
     Category,
@@ -35,6 +41,8 @@ DESCRIBE = "Describe the image."
 TEST_QUESTIONS_PER_IMAGE = 6
 SINGLES_PER_IMAGE = 3
 CHAT_FRACTION = 0.25
+RELATIONAL_SINGLES_PER_IMAGE = 2
+RELATIONAL_TEST_PER_IMAGE = 2
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -59,6 +67,8 @@ def _fresh_qa(scene: Scene, category: Category, rng: np.random.Generator, seen: 
     """A (question, answer, category) whose text is not in `seen` (added to it), or None."""
     for _ in range(20):
         spec = make_question(scene, category, rng, want_yes)
+        if spec is None:  # the scene has no question of this category
+            return None
         text = question_text(spec)
         if text not in seen:
             seen.add(text)
@@ -80,9 +90,10 @@ def make_conversation(scene: Scene, rng: np.random.Generator, seen: set[str]) ->
 # ---------------------------------------------------------------- writing the data set
 
 def _image_rngs(seed: int, split: str, index: int) -> list[np.random.Generator]:
-    """Independent (scene, noise, text) generators for one image."""
+    """Independent (scene, noise, text, relational text) generators for one image (spawned children
+    do not depend on how many are spawned: the first three are those of earlier versions)."""
     seq = np.random.SeedSequence([seed, _SPLIT_IDS[split], index])
-    return [np.random.default_rng(s) for s in seq.spawn(3)]
+    return [np.random.default_rng(s) for s in seq.spawn(4)]
 
 
 def _llava_record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
@@ -127,13 +138,29 @@ def _test_questions(scene: Scene, index: int, rng: np.random.Generator,
     return out
 
 
+def _relational_qa(scene: Scene, rng: np.random.Generator, n: int, first: int) -> list[tuple[str, str, Category]]:
+    """Up to `n` questions of distinct relational categories, tried from RELATIONAL[first] on in a
+    rotation (a category the scene has no question of is passed over)."""
+    seen: set[str] = set()
+    order = [RELATIONAL[(first + k) % len(RELATIONAL)] for k in range(len(RELATIONAL))]
+    out = [qa for c in order if (qa := _fresh_qa(scene, c, rng, seen)) is not None]
+    return out[:n]
+
+
 def _make_image(out: Path, split: str, index: int, seed: int,
-                image_size: int) -> tuple[Scene, str, np.random.Generator]:
-    scene_rng, noise_rng, text_rng = _image_rngs(seed, split, index)
+                image_size: int) -> tuple[Scene, str, np.random.Generator, np.random.Generator]:
+    scene_rng, noise_rng, text_rng, relational_rng = _image_rngs(seed, split, index)
     scene = make_scene(scene_rng, image_size)
     image = f"images/{split}_{index:05d}.png"
     render_scene(scene, noise_rng).save(out / image, compress_level=1)
-    return scene, image, text_rng
+    return scene, image, text_rng, relational_rng
+
+
+def _add_question(questions: list[dict], answers: list[dict], image: str, qa: tuple[str, str, Category]) -> None:
+    text, answer, category = qa
+    qid = len(questions)
+    questions.append({"question_id": qid, "image": image, "text": text, "category": category})
+    answers.append({"question_id": qid, "answer": answer})
 
 
 def _scene_record(split: str, image: str, scene: Scene) -> dict:
@@ -141,25 +168,32 @@ def _scene_record(split: str, image: str, scene: Scene) -> dict:
 
 
 def generate_shapes(out_dir: str | Path, n_train: int = 4000, n_test: int = 500, seed: int = 0,
-                    image_size: int = 96) -> ShapesSummary:
+                    image_size: int = 96, relational: bool = True) -> ShapesSummary:
     """Write the shapes data set to `out_dir` (image paths in the JSON files are relative to it)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     align, instruct, scenes, questions, answers = [], [], [], [], []
     for i in range(n_train):
-        scene, image, rng = _make_image(out, "train", i, seed, image_size)
+        scene, image, rng, rel_rng = _make_image(out, "train", i, seed, image_size)
         a, recs = _train_records(scene, f"train-{i:05d}", image, rng)
         align.append(a)
         instruct.extend(recs)
+        if relational:
+            instruct.extend(_llava_record(f"shapes-train-{i:05d}-relational-{k}", image, [qa[:2]]) for k, qa in
+                            enumerate(_relational_qa(scene, rel_rng, RELATIONAL_SINGLES_PER_IMAGE, i)))
         scenes.append(_scene_record("train", image, scene))
     yes_counts: dict[str, int] = {}
+    later: list[tuple[str, tuple[str, str, Category]]] = []  # the relational test questions, asked last
     for i in range(n_test):
-        scene, image, rng = _make_image(out, "test", i, seed, image_size)
-        for text, answer, cat in _test_questions(scene, i, rng, yes_counts):
-            qid = len(questions)
-            questions.append({"question_id": qid, "image": image, "text": text, "category": cat})
-            answers.append({"question_id": qid, "answer": answer})
+        scene, image, rng, rel_rng = _make_image(out, "test", i, seed, image_size)
+        for qa in _test_questions(scene, i, rng, yes_counts):
+            _add_question(questions, answers, image, qa)
+        if relational:
+            later += [(image, qa) for qa in _relational_qa(scene, rel_rng, RELATIONAL_TEST_PER_IMAGE,
+                                                           i * RELATIONAL_TEST_PER_IMAGE)]
         scenes.append(_scene_record("test", image, scene))
+    for image, qa in later:
+        _add_question(questions, answers, image, qa)
     summary = ShapesSummary(
         out, n_train, n_test, len(align), len(instruct), len(questions), out / "align.json",
         out / "instruct.json", out / "test_questions.jsonl", out / "test_answers.jsonl",
@@ -170,9 +204,10 @@ def generate_shapes(out_dir: str | Path, n_train: int = 4000, n_test: int = 500,
     atomic_write_jsonl(summary.test_answers_path, answers)
     atomic_write_jsonl(summary.scenes_path, scenes)
     atomic_write_json(summary.meta_path, {  # written last: its presence marks a complete set
-        "generator": "vitune.data.builtin.shapes", "version": 1, "seed": seed, "image_size": image_size,
+        "generator": "vitune.data.builtin.shapes", "version": 2, "seed": seed, "image_size": image_size,
         "n_train": n_train, "n_test": n_test, "n_align": len(align), "n_instruct": len(instruct),
-        "n_test_questions": len(questions), "categories": list(CATEGORIES),
+        "n_test_questions": len(questions), "categories": list(CATEGORIES) + list(RELATIONAL) * relational,
+        "relational": relational,
         "colors": list(COLOR_NAMES), "shapes": list(SHAPES), "sizes": list(SIZES),
         "positions": list(POSITIONS)})
     return summary

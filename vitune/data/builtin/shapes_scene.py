@@ -13,11 +13,18 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-Category = Literal["color", "shape", "size", "position", "existence", "count", "spatial"]
+Category = Literal["color", "shape", "size", "position", "existence", "count", "spatial",
+                   "closest", "furthest", "same"]
 Relation = Literal["left of", "right of", "above", "below"]
 CountBy = Literal["color", "shape", "all"]
+Attribute = Literal["color", "shape"]
 
 CATEGORIES: tuple[Category, ...] = ("color", "shape", "size", "position", "existence", "count", "spatial")
+# The relational family: about an object found by its relation to a named one. Distances are
+# between grid cells (row, column), squared Euclidean; a question is asked only where its answer
+# is unique (no tie for the closest or the furthest).
+RELATIONAL: tuple[Category, ...] = ("closest", "furthest", "same")
+ATTRIBUTES: tuple[Attribute, ...] = ("color", "shape")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 230),
     "yellow": (240, 210, 0), "purple": (140, 30, 190), "orange": (255, 140, 0),
@@ -75,6 +82,7 @@ class QuestionSpec:
     relation: Relation | None = None
     color2: str | None = None
     shape2: str | None = None
+    ask: Attribute | None = None  # closest / furthest: which attribute of the found object
 
 
 # ---------------------------------------------------------------- scenes and rendering
@@ -155,6 +163,12 @@ def question_text(spec: QuestionSpec) -> str:
                     "all": "How many objects are there?"}[spec.count_by]
         case "spatial":
             return f"Is the {c} {s} {spec.relation} the {spec.color2} {spec.shape2}?"
+        case "closest":
+            return f"What {spec.ask} is the object closest to the {c} {s}?"
+        case "furthest":
+            return f"What {spec.ask} is the object furthest from the {c} {s}?"
+        case "same":
+            return f"How many other objects have the same {spec.count_by} as the {c} {s}?"
     raise ValueError(f"unknown question category {spec.category!r}")
 
 
@@ -162,6 +176,21 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: Relation) -> bool:
     """Grid relations: strictly smaller column is 'left of', strictly smaller row is 'above'."""
     return {"left of": a.col < b.col, "right of": a.col > b.col,
             "above": a.row < b.row, "below": a.row > b.row}[relation]
+
+
+def cell_distance(a: SceneObject, b: SceneObject) -> int:
+    """Squared Euclidean distance between two objects' grid cells."""
+    return (a.row - b.row) ** 2 + (a.col - b.col) ** 2
+
+
+def extreme_object(scene: Scene, anchor: SceneObject, which: Literal["closest", "furthest"]) -> SceneObject | None:
+    """The other object closest to / furthest from `anchor`, or None where two tie (or none is there)."""
+    others = sorted((cell_distance(anchor, o), i) for i, o in enumerate(scene.objects) if o is not anchor)
+    if which == "furthest":
+        others.reverse()
+    if not others or (len(others) > 1 and others[0][0] == others[1][0]):
+        return None
+    return scene.objects[others[0][1]]
 
 
 def _require(obj: SceneObject | None, spec: QuestionSpec) -> SceneObject:
@@ -195,6 +224,16 @@ def scene_answer(scene: Scene, spec: QuestionSpec) -> str:
             a = _require(scene.find(spec.color, spec.shape), spec)
             b = _require(scene.find(spec.color2, spec.shape2), spec)
             return yes_no[relation_holds(a, b, spec.relation)]
+        case "closest" | "furthest":
+            anchor = _require(scene.find(spec.color, spec.shape), spec)
+            found = extreme_object(scene, anchor, spec.category)
+            if found is None:
+                raise ValueError(f"no single {spec.category} object: {spec}")
+            return getattr(found, spec.ask)
+        case "same":
+            anchor = _require(scene.find(spec.color, spec.shape), spec)
+            return str(sum(1 for o in scene.objects
+                           if o is not anchor and getattr(o, spec.count_by) == getattr(anchor, spec.count_by)))
     raise ValueError(f"unknown question category {spec.category!r}")
 
 
@@ -203,8 +242,11 @@ def _pick(rng: np.random.Generator, items: list | tuple):
 
 
 def make_question(scene: Scene, category: Category, rng: np.random.Generator,
-                  want_yes: bool | None = None) -> QuestionSpec:
-    """A random valid question of `category`; `want_yes` fixes yes/no answers (default: coin)."""
+                  want_yes: bool | None = None) -> QuestionSpec | None:
+    """A random valid question of `category`; `want_yes` fixes yes/no answers (default: coin).
+    None where the scene has none (closest / furthest: fewer than 3 objects, or ties only)."""
+    if category in RELATIONAL:
+        return _relational_question(scene, category, rng)
     o = _pick(rng, scene.objects)
     if want_yes is None:
         want_yes = bool(rng.random() < 0.5)
@@ -233,3 +275,19 @@ def make_question(scene: Scene, category: Category, rng: np.random.Generator,
             return QuestionSpec("spatial", color=a.color, shape=a.shape, relation=relation,
                                 color2=b.color, shape2=b.shape)
     raise ValueError(f"unknown question category {category!r}")
+
+
+def _relational_question(scene: Scene, category: Category, rng: np.random.Generator) -> QuestionSpec | None:
+    if category == "same":  # half of the time one whose answer is not 0, where the scene has one
+        pairs = [(o, a) for o in scene.objects for a in ATTRIBUTES]
+        shared = [(o, a) for o, a in pairs
+                  if any(p is not o and getattr(p, a) == getattr(o, a) for p in scene.objects)]
+        o, attribute = _pick(rng, shared if shared and rng.random() < 0.5 else pairs)
+        return QuestionSpec("same", color=o.color, shape=o.shape, count_by=attribute)
+    if len(scene.objects) < 3:  # with one other object, "closest" would only ask for it
+        return None
+    anchors = [o for o in scene.objects if extreme_object(scene, o, category) is not None]
+    if not anchors:
+        return None
+    o = _pick(rng, anchors)
+    return QuestionSpec(category, color=o.color, shape=o.shape, ask=_pick(rng, ATTRIBUTES))
