@@ -118,6 +118,7 @@ def _cfg(*overrides):
     (["model.vision.pre_norm=false"], "neither CLIP's layout"),
     (["model.connector.hidden_dim=96"], "projector hidden width"),
     (["model.connector.slot_embedding=true"], "no per-slot position embedding"),
+    (["model.connector.coords=true"], "reads no \\(x, y\\) channels"),
     (["model.fusion.kind=film"], "fusion.kind=film: LLaVA has image tokens in the sequence that depend on neither"),
     (["model.fusion.kind=qformer"], "fusion.kind=qformer"),
     (["model.fusion.kind=xattn"], "fusion.kind=xattn"),

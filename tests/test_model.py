@@ -156,6 +156,35 @@ def test_lm_with_cache_and_no_mask_is_causal_with_offset(model):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+def _swap_cells(features: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    out = features.clone()
+    out[:, [i, j]] = features[:, [j, i]]
+    return out
+
+
+@pytest.mark.parametrize("code", ["coords", "slot_embedding", None])
+def test_a_cell_swap_changes_the_tokens_only_with_a_position_code(tok, code):
+    """Two images whose features differ only by two cells swapped: without a position code the
+    projector's tokens are the same ones, swapped; with one, they are other tokens."""
+    cfg = tiny().model
+    connector = ConnectorConfig(**({code: True} if code else {}))
+    m = VLM(dataclasses.replace(cfg, connector=connector), tok.special.image).eval()
+    feats = torch.randn(1, m.vision.num_tokens, cfg.vision.width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = m.connector(feats), m.connector(_swap_cells(feats, 0, 3))
+    swapped_back = _swap_cells(b, 0, 3)
+    if code is None:
+        assert torch.allclose(swapped_back, a, atol=1e-6)
+    else:
+        assert (swapped_back - a)[:, [0, 3]].abs().amax() > 1e-3
+        assert torch.allclose(swapped_back[:, 1:3], a[:, 1:3], atol=1e-6)  # other cells: the same tokens
+
+
+def test_coords_are_each_cells_x_and_y_in_raster_order():
+    from vitune.model.connector import grid_coords
+    assert grid_coords(3).tolist() == [[-1, -1], [0, -1], [1, -1], [-1, 0], [0, 0], [1, 0], [-1, 1], [0, 1], [1, 1]]
+
+
 def test_slot_embedding_adds_a_position_code_per_image_token(tok):
     cfg = tiny().model
     cfg = dataclasses.replace(cfg, connector=ConnectorConfig(reduce="pool2x2", slot_embedding=True))

@@ -64,6 +64,9 @@ class ConnectorConfig:
     # A learned embedding per image-token slot, added to the projected tokens in the LM's space:
     # a clean 2-D position code the LM can match words like "top left" against.
     slot_embedding: bool = False
+    # (x, y) of each grid cell in [-1, 1], appended to its features before the projection, as
+    # relation networks tag each cell: the position enters with the content, not beside it.
+    coords: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ def check_exportable(cfg: ModelConfig) -> None:
                         "export needs reduce='none'")
     if c.slot_embedding:
         problems.append("connector.slot_embedding=True: LLaVA's projector has no per-slot position embedding")
+    if c.coords:
+        problems.append("connector.coords=True: LLaVA's projector reads no (x, y) channels")
     if cfg.fusion.kind != "projector":
         problems.append(f"fusion.kind={cfg.fusion.kind}: LLaVA has image tokens in the sequence that depend on "
                         "neither the instruction nor cross-attention layers (only the projector exports)")

@@ -2,7 +2,9 @@
 
 - `MLPProjector`: LLaVA's 2-layer MLP (`D_v -> D_lm`), optionally reducing the number of image
   tokens first: `pool2x2` averages each 2x2 block of the grid; `pixel_shuffle2x2` concatenates it
-  (4 * D_v channels), both giving N / 4 tokens.
+  (4 * D_v channels), both giving N / 4 tokens. Two optional 2-D position codes: `coords`
+  appends each cell's (x, y) to its features before the MLP, `slot_embedding` adds a learned
+  embedding per token slot (sin-cos initialised) after it; both need a square grid.
 - `merge_image_embeddings`: the one place that puts image embeddings at placeholder positions,
   and refuses when their counts differ.
 """
@@ -34,16 +36,35 @@ def reduce_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown token reduction {mode!r}; valid: none, pool2x2, pixel_shuffle2x2")
 
 
+def grid_coords(grid: int) -> torch.Tensor:
+    """`(grid * grid, 2)`: each cell's (x, y) in [-1, 1], raster order (x along a row)."""
+    axis = torch.linspace(-1.0, 1.0, grid) if grid > 1 else torch.zeros(1)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], dim=-1)
+
+
+def _square_grid(n_tokens: int, field: str) -> int:
+    grid = math.isqrt(n_tokens)
+    if grid * grid != n_tokens:
+        raise ValueError(f"model.connector.{field}=true needs a square grid of image tokens; "
+                         f"the tower and model.connector.reduce give {n_tokens}")
+    return grid
+
+
 class MLPProjector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, n_vision_tokens: int):
         super().__init__()
         self.reduce = cfg.reduce
-        d_in = vision_dim * (4 if cfg.reduce == "pixel_shuffle2x2" else 1)
+        n_tokens = self.num_tokens(n_vision_tokens)
+        d_in = vision_dim * (4 if cfg.reduce == "pixel_shuffle2x2" else 1) + 2 * cfg.coords
         hidden = cfg.hidden_dim or lm_dim
         self.linear_1, self.linear_2 = nn.Linear(d_in, hidden), nn.Linear(hidden, lm_dim)
+        # (N', 2), a constant of the config (saved with the model): not in the state dict
+        coords = grid_coords(_square_grid(n_tokens, "coords")) if cfg.coords else None
+        self.register_buffer("coords", coords, persistent=False)
         self.slot_embedding = None
         if cfg.slot_embedding:
-            grid = math.isqrt(self.num_tokens(n_vision_tokens))
+            grid = _square_grid(n_tokens, "slot_embedding")
             self.slot_embedding = nn.Parameter(0.3 * sincos_2d(grid, lm_dim))  # (N', D_lm)
 
     def num_tokens(self, n_vision_tokens: int) -> int:
@@ -51,6 +72,8 @@ class MLPProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = reduce_tokens(features, self.reduce)
+        if self.coords is not None:
+            x = torch.cat([x, self.coords.to(x.dtype).expand(x.shape[0], -1, -1)], dim=-1)
         x = self.linear_2(F.gelu(self.linear_1(x)))  # (B, N', D_lm)
         return x if self.slot_embedding is None else x + self.slot_embedding.to(x.dtype)
 
