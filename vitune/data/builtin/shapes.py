@@ -142,9 +142,13 @@ def _relational_qa(scene: Scene, rng: np.random.Generator, n: int, first: int) -
     """Up to `n` questions of distinct relational categories, tried from RELATIONAL[first] on in a
     rotation (a category the scene has no question of is passed over)."""
     seen: set[str] = set()
-    order = [RELATIONAL[(first + k) % len(RELATIONAL)] for k in range(len(RELATIONAL))]
-    out = [qa for c in order if (qa := _fresh_qa(scene, c, rng, seen)) is not None]
-    return out[:n]
+    out: list[tuple[str, str, Category]] = []
+    for k in range(len(RELATIONAL)):
+        if len(out) == n:
+            break
+        if (qa := _fresh_qa(scene, RELATIONAL[(first + k) % len(RELATIONAL)], rng, seen)) is not None:
+            out.append(qa)
+    return out
 
 
 def _make_image(out: Path, split: str, index: int, seed: int,
